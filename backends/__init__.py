@@ -1,0 +1,1 @@
+"""Model backends behind one interface (`backends.base.Backend`), and the weights they load."""

@@ -1,0 +1,1 @@
+"""The offline eval harness: datasets, graders, outcome collection and metrics (issue 5)."""

@@ -1,0 +1,1 @@
+"""GreenRoute's HTTP gateway: OpenAI endpoints, plans, errors, configuration and the CLI."""

