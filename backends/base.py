@@ -9,7 +9,7 @@ request (token usage) is pulled out beside it.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -114,9 +114,10 @@ class InvalidRequest(BackendError):
 class Backend(Protocol):
     """A model server the gateway can send requests to.
 
-    `create` and `stream` take the client's body with `model` set to the upstream model's id.
-    `stream` raises any error that happens before its first chunk from the first `__anext__`,
-    so the gateway can still answer with an HTTP error status.
+    `create` and `stream` take the client's body (the backend sets `model` to its upstream id).
+    `stream` yields batches: the chunks that became available together (one network read), so
+    the gateway writes them in one send. It raises any error that happens before its first
+    batch from the first `__anext__`, so the gateway can still answer with an HTTP status.
     """
 
     name: str
@@ -128,7 +129,8 @@ class Backend(Protocol):
 
     async def create(self, endpoint: Endpoint, body: dict[str, Any]) -> Completion: ...
 
-    def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[Chunk]: ...
+    def stream(self, endpoint: Endpoint,
+               body: dict[str, Any]) -> AsyncIterator[Sequence[Chunk]]: ...
 
     async def list_models(self) -> list[str]: ...
 

@@ -74,7 +74,8 @@ class LiteLLMBackend:
         return Completion(body=orjson.dumps(data, default=str),
                           usage=Usage.from_openai(data.get("usage")))
 
-    async def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[Chunk]:
+    async def stream(self, endpoint: Endpoint,
+                     body: dict[str, Any]) -> AsyncIterator[list[Chunk]]:
         call, args = self._arguments(endpoint, body)
         args["stream"] = True
         args["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
@@ -84,8 +85,8 @@ class LiteLLMBackend:
                 data = item.model_dump(exclude_none=True)
                 data.setdefault("created", int(time.time()))
                 usage = Usage.from_openai(data.get("usage"))
-                yield Chunk(data=orjson.dumps(data, default=str), usage=usage,
-                            usage_only=usage is not None and not data.get("choices"))
+                yield [Chunk(data=orjson.dumps(data, default=str), usage=usage,
+                             usage_only=usage is not None and not data.get("choices"))]
         except BackendError:
             raise
         except Exception as exc:

@@ -93,7 +93,8 @@ class LlamaCppBackend:
             raise
         return Completion(body=orjson.dumps(result), usage=Usage.from_openai(result.get("usage")))
 
-    async def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[Chunk]:
+    async def stream(self, endpoint: Endpoint,
+                     body: dict[str, Any]) -> AsyncIterator[list[Chunk]]:
         kwargs, logprobs = _llama_kwargs(endpoint, body)
         kwargs["stream"] = True
         generation = _Generation(self, logprobs)
@@ -111,7 +112,7 @@ class LlamaCppBackend:
             while (item := await queue.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                yield [item]  # one token at a time: the model is slower than the network
         finally:
             generation.cancel.set()  # no-op when finished; stops the model when the client left
             future.cancel()  # drops it from the queue if it never started

@@ -7,6 +7,7 @@ the bytes it produced. Nothing is re-validated or re-serialized on the way out.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -26,7 +27,13 @@ from gateway.config import RESERVED_MODEL, GatewayConfig
 from gateway.errors import APIError, bad_request, server_error
 from gateway.plan import Planner
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, validate
-from gateway.streaming import ClientGone, EventStreamResponse, sse_events, until_disconnect
+from gateway.streaming import (
+    ClientGone,
+    EventStreamResponse,
+    sse_events,
+    until_disconnect,
+    watch_disconnect,
+)
 
 log = logging.getLogger("greenroute.gateway")
 
@@ -97,10 +104,13 @@ class Gateway:
             plan = self.planner.plan(body["model"])
             headers[HEADER_MODEL] = plan.tier
             headers[HEADER_ROUTE] = plan.route
+            watcher = watch_disconnect(request.receive)
             if body.get("stream"):
-                return await self._stream(request, plan.backend, endpoint, body, headers)
-            completion = await until_disconnect(request.receive,
-                                                plan.backend.create(endpoint, body))
+                return await self._stream(watcher, plan.backend, endpoint, body, headers)
+            try:
+                completion = await until_disconnect(watcher, plan.backend.create(endpoint, body))
+            finally:
+                watcher.cancel()
             return Response(completion.body, media_type="application/json", headers=headers)
         except APIError as exc:
             return exc.response(headers)
@@ -112,20 +122,21 @@ class Gateway:
             log.exception("request %s failed", headers[HEADER_REQUEST_ID])
             return server_error().response(headers)
 
-    async def _stream(self, request: Request, backend: Backend, endpoint: Endpoint,
+    async def _stream(self, watcher: asyncio.Future[None], backend: Backend, endpoint: Endpoint,
                       body: dict[str, Any], headers: dict[str, str]) -> Response:
         options = body.get("stream_options")
         include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
         chunks = backend.stream(endpoint, body)
         try:
             # Wait for the first chunk before answering, so that failing to start is an HTTP error.
-            first = await until_disconnect(request.receive, anext(chunks, None))
+            first = await until_disconnect(watcher, anext(chunks, None))
         except BaseException:
+            watcher.cancel()
             await chunks.aclose()
             raise
         headers["cache-control"] = "no-cache"
         headers["x-accel-buffering"] = "no"  # nginx: do not buffer the event stream
-        return EventStreamResponse(sse_events(first, chunks, include_usage), headers=headers)
+        return EventStreamResponse(sse_events(first, chunks, include_usage), watcher, headers)
 
     # -- request parts ------------------------------------------------------------------------
 

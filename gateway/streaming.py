@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import TypeVar
 
-import anyio
 import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -36,17 +35,19 @@ async def _wait_for_disconnect(receive: Receive) -> None:
         pass
 
 
-async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it and raising ClientGone if the client disconnects first."""
+def watch_disconnect(receive: Receive) -> asyncio.Future[None]:
+    """A task that completes when the client disconnects (call once the body has been read)."""
+    return asyncio.ensure_future(_wait_for_disconnect(receive))
+
+
+async def until_disconnect(watcher: asyncio.Future[None], work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it and raising ClientGone if `watcher` completes first."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
     try:
         await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         task.cancel()
         raise
-    finally:
-        watcher.cancel()
     if task.done():
         return task.result()
     task.cancel()
@@ -54,18 +55,21 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
     raise ClientGone
 
 
-async def sse_events(first: Chunk | None, rest: AsyncIterator[Chunk],
+async def sse_events(first: Sequence[Chunk] | None, rest: AsyncIterator[Sequence[Chunk]],
                      include_usage: bool) -> AsyncIterator[bytes]:
-    """Encode chunks as SSE; a failure after the first byte becomes an error event.
+    """Encode batches of chunks as SSE, one write per batch; a failure after the first byte
+    becomes an error event.
 
     The usage-only chunk is forwarded only to clients that asked for it, as OpenAI does.
     """
     try:
-        chunk = first
-        while chunk is not None:
-            if include_usage or not chunk.usage_only:
-                yield b"data: " + chunk.data + b"\n\n"
-            chunk = await anext(rest, None)
+        batch = first
+        while batch is not None:
+            events = b"".join([b"data: " + chunk.data + b"\n\n" for chunk in batch
+                               if include_usage or not chunk.usage_only])
+            if events:
+                yield events
+            batch = await anext(rest, None)
         yield DONE
     except BackendError as exc:
         yield b"data: " + orjson.dumps(APIError.from_backend(exc).body()) + b"\n\n"
@@ -73,24 +77,33 @@ async def sse_events(first: Chunk | None, rest: AsyncIterator[Chunk],
         log.exception("stream failed")
         yield b"data: " + orjson.dumps(server_error().body()) + b"\n\n"
     finally:
-        with anyio.CancelScope(shield=True):  # close upstream even when cancelled by a disconnect
-            await rest.aclose()
+        await rest.aclose()  # also on cancellation (client gone): it closes the upstream
 
 
 class EventStreamResponse(StreamingResponse):
-    """A streaming response that stops (and so closes its source) when the client disconnects."""
+    """A streaming response that stops (and so closes its source) when the client disconnects.
+
+    `watcher` completes on disconnect (see `watch_disconnect`); one watcher serves the whole
+    request, from waiting for the first chunk to the last byte.
+    """
 
     media_type = "text/event-stream"
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as group:
-            async def stream() -> None:
-                try:
-                    await self.stream_response(send)
-                except OSError:
-                    pass  # the client is gone; the listener below ends the group
-                group.cancel_scope.cancel()
+    def __init__(self, content: AsyncIterator[bytes], watcher: asyncio.Future[None],
+                 headers: dict[str, str]) -> None:
+        super().__init__(content, headers=headers)
+        self.watcher = watcher
 
-            group.start_soon(stream)
-            await _wait_for_disconnect(receive)
-            group.cancel_scope.cancel()
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stream = asyncio.ensure_future(self.stream_response(send))
+        try:
+            await asyncio.wait((stream, self.watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not stream.done():
+                stream.cancel()  # the client left: the generator's finally closes the upstream
+                await asyncio.wait((stream,))
+            self.watcher.cancel()
+        if not stream.cancelled() and isinstance(stream.exception(), OSError):
+            return  # the client went away between two writes
+        if not stream.cancelled():
+            stream.result()

@@ -206,3 +206,18 @@ class DyingServer:
 
     def __exit__(self, *exc: object) -> None:
         self._sock.close()
+
+
+def main() -> None:
+    """Serve the fake on its own (`python -m tests.fake_upstream --port N`), as bench/ does."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    uvicorn.run(build_app(Record()), host="127.0.0.1", port=args.port, log_level="warning",
+                access_log=False, loop="uvloop", http="httptools")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Latency the gateway adds to a pass-through request, over calling the upstream directly.
+
+    .venv/bin/python bench/overhead.py [--requests 2000] [--concurrency 64]
+
+The client is aiohttp on uvloop (lighter than httpx, so it takes less CPU from the
+processes it measures). Starts a local OpenAI-protocol upstream that answers at once (tests/fake_upstream.py, its own
+process) and a gateway in front of it (`greenroute serve`, its own process), then sends the same
+chat request both ways, alternating so that drift hits both alike: sequentially, and from
+`--concurrency` workers at once; non-streamed and streamed (time to the end of the stream).
+Prints p50/p99 of each path, the p50/p99 the gateway adds, and requests per second.
+
+All three processes (client, gateway, upstream) share this machine's cores: run it on a quiet
+machine, and read the concurrent figures as "what 2 cores do", not as the gateway alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.fake_upstream import free_port  # noqa: E402
+
+BODY = {"model": "echo", "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
+        "max_tokens": 16, "temperature": 0}
+PLAIN_BODY = json.dumps(BODY).encode()
+STREAM_BODY = json.dumps({**BODY, "stream": True}).encode()
+JSON = {"content-type": "application/json"}
+
+
+def _start(args: list[str], ready_url: str) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(ready_url, timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"{args[0]} did not start")
+
+
+async def _one(client: aiohttp.ClientSession, url: str, stream: bool) -> float:
+    body = STREAM_BODY if stream else PLAIN_BODY
+    started = time.perf_counter()
+    async with client.post(url, data=body, headers=JSON) as response:
+        async for _ in response.content.iter_any():  # to the end of the body or stream
+            pass
+    if response.status != 200:
+        raise RuntimeError(f"{url}: HTTP {response.status}")
+    return time.perf_counter() - started
+
+
+async def _run(direct: str, gateway: str, requests: int, concurrency: int,
+               stream: bool) -> dict[str, float]:
+    times: dict[str, list[float]] = {"direct": [], "gateway": []}
+    connector = aiohttp.TCPConnector(limit=concurrency * 2)
+    async with aiohttp.ClientSession(connector=connector) as client:
+        for url in (direct, gateway):  # warm up connections and code paths
+            await asyncio.gather(*(_one(client, url, stream) for _ in range(concurrency)))
+        per_worker = requests // concurrency
+
+        async def worker() -> None:
+            for _ in range(per_worker):
+                times["direct"].append(await _one(client, direct, stream))
+                times["gateway"].append(await _one(client, gateway, stream))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    result: dict[str, float] = {}
+    for path, values in times.items():
+        values.sort()
+        result[f"{path}_p50_ms"] = statistics.median(values) * 1000
+        result[f"{path}_p99_ms"] = values[int(len(values) * 0.99) - 1] * 1000
+    result["added_p50_ms"] = result["gateway_p50_ms"] - result["direct_p50_ms"]
+    result["added_p99_ms"] = result["gateway_p99_ms"] - result["direct_p99_ms"]
+    # Both paths ran in the same window; each got about half of it.
+    result["gateway_rps"] = len(times["gateway"]) / (elapsed / 2)
+    return result
+
+
+def _run_loop(coroutine):  # type: ignore[no-untyped-def]
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=2000, help="per path and mode")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args()
+
+    upstream_port, gateway_port = free_port(), free_port()
+    upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "bench.toml"
+        config.write_text(f'[server]\nport = {gateway_port}\nlog_level = "warning"\n\n'
+                          f'[[tiers]]\nname = "echo"\nbackend = "openai"\nurl = "{upstream_url}"\n'
+                          'model = "echo"\n')
+        upstream = _start([sys.executable, "-m", "tests.fake_upstream", "--port",
+                           str(upstream_port)], upstream_url + "/models")
+        greenroute = str(Path(sys.executable).parent / "greenroute")
+        gateway = _start([greenroute, "serve", "--config", str(config)],
+                         f"http://127.0.0.1:{gateway_port}/v1/models")
+        try:
+            rows = []
+            for concurrency in (1, args.concurrency):
+                for stream in (False, True):
+                    result = _run_loop(_run(upstream_url + "/chat/completions",
+                                              f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
+                                              args.requests, concurrency, stream))
+                    rows.append({"concurrency": concurrency, "stream": stream, **result})
+        finally:
+            gateway.terminate()
+            upstream.terminate()
+            gateway.wait()
+            upstream.wait()
+
+    print(f"gateway overhead, {args.requests} requests per path and mode, "
+          f"{os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    header = ("conc", "stream", "direct p50", "gw p50", "added p50", "direct p99", "gw p99",
+              "added p99", "gw req/s")
+    print(" | ".join(f"{h:>10}" for h in header))
+    for r in rows:
+        cells = (r["concurrency"], "yes" if r["stream"] else "no",
+                 *(f"{r[k]:.3f} ms" for k in ("direct_p50_ms", "gateway_p50_ms", "added_p50_ms",
+                                              "direct_p99_ms", "gateway_p99_ms", "added_p99_ms")),
+                 f"{r['gateway_rps']:.0f}")
+        print(" | ".join(f"{c:>10}" for c in cells))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
