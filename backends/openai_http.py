@@ -72,20 +72,28 @@ class OpenAIHTTPBackend:
     def _url(self, path: str) -> str:
         return f"{self.base_url}/{path}"
 
-    async def create(self, endpoint: Endpoint, body: dict[str, Any]) -> Completion:
-        body["model"] = self.model_id
-        body.pop("stream", None)
+    async def _request(self, method: str, path: str, data: bytes | None = None
+                       ) -> tuple[bytes, dict[str, Any]]:
+        """Send one request; return the body as received and parsed, or raise the right error."""
         with _transport_errors(self.name):
-            async with self.session.post(self._url(endpoint.value),
-                                         data=orjson.dumps(body)) as response:
+            async with self.session.request(method, self._url(path), data=data) as response:
                 content = await response.read()
         if response.status >= 400:
             raise _upstream_error(self.name, response.status, content)
         try:
-            data = orjson.loads(content)
+            parsed = orjson.loads(content)
         except orjson.JSONDecodeError:
-            raise BadGateway(f"backend {self.name!r} returned a body that is not JSON") from None
-        if not isinstance(data, dict) or "choices" not in data:
+            raise BadGateway(f"backend {self.name!r} answered {path} with a body that is not "
+                             "JSON") from None
+        if not isinstance(parsed, dict):
+            raise BadGateway(f"backend {self.name!r} answered {path} with a non-object")
+        return content, parsed
+
+    async def create(self, endpoint: Endpoint, body: dict[str, Any]) -> Completion:
+        body["model"] = self.model_id
+        body.pop("stream", None)
+        content, data = await self._request("POST", endpoint.value, orjson.dumps(body))
+        if "choices" not in data:
             raise BadGateway(f"backend {self.name!r} returned a body with no choices")
         return Completion(body=content, usage=Usage.from_openai(data.get("usage")))
 
@@ -110,16 +118,7 @@ class OpenAIHTTPBackend:
             response.close()
 
     async def list_models(self) -> list[str]:
-        with _transport_errors(self.name):
-            async with self.session.get(self._url("models")) as response:
-                content = await response.read()
-        if response.status >= 400:
-            raise _upstream_error(self.name, response.status, content)
-        try:
-            data = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            raise BadGateway(f"backend {self.name!r} listed models in a body that is not JSON") \
-                from None
+        _, data = await self._request("GET", "models")
         return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
 
     async def health(self) -> dict[str, Any]:

@@ -117,14 +117,15 @@ class GatewayConfig(_Strict):
 def default_config() -> GatewayConfig:
     """The embedded default: two Qwen2.5-Coder tiers on llama.cpp, no key, no GPU.
 
-    The energy hints are the inverse of generation speed measured on 2 cores (32 vs 14.6 tok/s):
-    on the same CPU the power draw is about the same, so energy per token scales with time per token.
+    The energy hints are the inverse of generation speed measured on 2 cores by bench/models.py
+    (35.2 vs 15.1 tok/s): on the same CPU the power draw is about the same, so energy per token
+    scales with time per token.
     """
     return GatewayConfig(tiers=(
         TierConfig(name="small", backend="llamacpp", weights="small",
                    model="qwen2.5-coder-0.5b-instruct", energy_hint=1.0),
         TierConfig(name="large", backend="llamacpp", weights="large",
-                   model="qwen2.5-coder-1.5b-instruct", energy_hint=2.2),
+                   model="qwen2.5-coder-1.5b-instruct", energy_hint=2.3),
     ))
 
 
