@@ -58,7 +58,10 @@ class LlamaCppBackend:
             await asyncio.wrap_future(self._executor.submit(self._load))
 
     async def aclose(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        """Stop the running generation at its next token, drop queued ones, free the model."""
+        if self._active is not None:
+            self._active.cancel.set()
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         self._llm = None
 
     def _load(self) -> None:
@@ -155,7 +158,7 @@ class LlamaCppBackend:
         except GenerationCancelled:
             return {}
         except ValueError as exc:  # llama-cpp-python's way of saying "prompt too long" and kin
-            raise InvalidRequest(str(exc), code="invalid_request", param="messages") from None
+            raise _invalid(endpoint, exc) from None
         except Exception as exc:
             raise BadGateway(f"backend {self.name!r} failed: {exc!r}") from exc
         finally:
@@ -189,7 +192,7 @@ class LlamaCppBackend:
         except GenerationCancelled:
             pass
         except ValueError as exc:
-            put(InvalidRequest(str(exc), code="invalid_request", param="messages"))
+            put(_invalid(endpoint, exc))
         except Exception as exc:
             put(BadGateway(f"backend {self.name!r} failed: {exc!r}"))
         finally:
@@ -276,6 +279,11 @@ class _Generation:
                              for _, _, top in entries],
             "text_offset": list(_offsets(texts)),
         }
+
+
+def _invalid(endpoint: Endpoint, exc: ValueError) -> InvalidRequest:
+    param = "messages" if endpoint is Endpoint.CHAT else "prompt"
+    return InvalidRequest(str(exc), code="invalid_request", param=param)
 
 
 def _offsets(texts: list[str]) -> Iterator[int]:

@@ -18,6 +18,11 @@ CONFIG_ENV = "GREENROUTE_CONFIG"
 RESERVED_MODEL = "green"
 
 
+def is_reserved(model: str) -> bool:
+    """`green` and `green-<target>` name the router, never a tier."""
+    return model == RESERVED_MODEL or model.startswith(RESERVED_MODEL + "-")
+
+
 class ConfigError(ValueError):
     """The configuration file is missing, unreadable or invalid."""
 
@@ -52,8 +57,9 @@ class TierConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_backend_fields(self) -> TierConfig:
-        if self.name == RESERVED_MODEL or self.name.startswith(RESERVED_MODEL + "-"):
-            raise ValueError(f"tier name {self.name!r} is reserved for routing")
+        for name in (self.name, *self.aliases):
+            if is_reserved(name):
+                raise ValueError(f"model name {name!r} is reserved for routing")
         if self.backend == "openai" and not self.url:
             raise ValueError(f"tier {self.name!r}: backend 'openai' needs url")
         if self.backend in ("openai", "litellm") and not self.model:
@@ -104,8 +110,6 @@ class GatewayConfig(_Strict):
             for name in (tier.name, *tier.aliases):
                 if name in seen:
                     raise ValueError(f"model name {name!r} is declared twice")
-                if name == RESERVED_MODEL:
-                    raise ValueError(f"model name {name!r} is reserved for routing")
                 seen.add(name)
         return self
 

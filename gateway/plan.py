@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from backends.base import Backend
-from gateway.config import RESERVED_MODEL, GatewayConfig
+from gateway.config import GatewayConfig, is_reserved
 from gateway.errors import APIError
 
 
@@ -38,7 +38,7 @@ class Planner:
         plan = self._plans.get(model)
         if plan is not None:
             return plan
-        if model == RESERVED_MODEL or model.startswith(RESERVED_MODEL + "-"):
+        if is_reserved(model):
             raise APIError(
                 400,
                 f"The model `{model}` is reserved for GreenRoute's router, and this gateway has "

@@ -41,6 +41,8 @@ def test_env_var_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 @pytest.mark.parametrize(("text", "message"), [
     ('[[tiers]]\nname = "a"\nbackend = "openai"\nmodel = "m"\n', "needs url"),
     ('[[tiers]]\nname = "green"\nbackend = "openai"\nurl = "u"\nmodel = "m"\n', "reserved"),
+    ('[[tiers]]\nname = "a"\nbackend = "openai"\nurl = "u"\nmodel = "m"\naliases = ["green-0.9"]\n',
+     "reserved"),
     ('[[tiers]]\nname = "a"\nbackend = "llamacpp"\n', "exactly one of path or weights"),
     ('[[tiers]]\nname = "a"\nbackend = "openai"\nurl = "u"\nmodel = "m"\naliases = ["b"]\n'
      '[[tiers]]\nname = "b"\nbackend = "openai"\nurl = "u"\nmodel = "m"\n', "declared twice"),
