@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from backends import weights
+from evals import commands as eval_commands
 from gateway.config import CONFIG_ENV, ConfigError, GatewayConfig, load_config
 
 SERVE_EPILOG = f"""\
@@ -55,10 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="small, large, tiny, or a catalog name (default: small large)")
     models.add_argument("--list", action="store_true", help="list the catalog and exit")
 
+    serve.set_defaults(handler=_serve)
+    models.set_defaults(handler=_models)
+    eval_commands.add_parsers(commands)
+
     args = parser.parse_args(argv)
-    if args.command == "models":
-        return _models(args)
-    return _serve(args)
+    return int(args.handler(args))
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -91,13 +94,8 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=config.server.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        for tier in config.tiers:
-            if tier.backend == "llamacpp" and tier.weights:
-                spec = weights.resolve(tier.weights)
-                if args.no_fetch and not weights.path_for(spec).exists():
-                    raise weights.WeightsError(f"weights {spec.name} are missing; run "
-                                               f"`greenroute models {tier.weights}`")
-                weights.ensure(tier.weights, log=lambda line: print(line, file=sys.stderr))
+        weights.ensure_for_tiers(config.tiers, fetch=not args.no_fetch,
+                                 log=lambda line: print(line, file=sys.stderr))
     except weights.WeightsError as exc:
         print(f"greenroute serve: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,5 @@
+"""Energy meters: cumulative energy counters for the devices a backend runs on.
+
+Every meter names its source (`nvml`, `prometheus`, `rapl`, `estimate`), and an estimate never
+pretends to be a measurement: the ledger and every report carry the source beside the joules.
+"""

@@ -1,0 +1,232 @@
+"""The eval harness's subcommands of `greenroute`: collect, eval, outcomes import."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import sys
+from pathlib import Path
+
+from backends import weights
+from evals import collect as collecting
+from evals import plots, summary
+from evals.energy import parse_profile
+from evals.evaluate import evaluate
+from evals.metrics import DEFAULT_TARGET
+from evals.outcomes import OutcomeError, import_table, load_table, read_rows
+from evals.policies import BUILTIN, ScoresFilePolicy
+from evals.tasks import KINDS, TASKS, Item, TaskError, load_file, load_task, sample
+from gateway.config import CONFIG_ENV, ConfigError, GatewayConfig, TierConfig, load_config
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    _add_collect(commands)
+    _add_eval(commands)
+    _add_outcomes(commands)
+
+
+# -- collect ----------------------------------------------------------------------------------
+
+def _add_collect(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = commands.add_parser(
+        "collect", help="run tiers over question sets and record per-prompt outcomes",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the configured tiers over question sets (greedy decoding), grade every "
+                    "answer, and append one outcome row per prompt and model to --out. Tiers run "
+                    "one after the other. Rerunning the same command resumes: prompts already "
+                    "answered are skipped, failed ones are tried again.",
+        epilog="tasks (in ../shared/data/tasks, or --data-dir): " + ", ".join(TASKS) + "\n"
+               "example: greenroute collect --task mmlu:300 --task gsm8k:200 "
+               "--models small,large --out evals/outcomes/mine.jsonl")
+    parser.add_argument("--task", action="append", default=[], metavar="NAME[:N]",
+                        help="a task, optionally with how many of its prompts to sample "
+                             "(repeatable)")
+    parser.add_argument("--file", metavar="PATH", help="a JSONL or CSV question file instead of "
+                        "a known task (with --kind and --field)")
+    parser.add_argument("--kind", choices=KINDS, help="answer kind of --file")
+    parser.add_argument("--field", action="append", default=[], metavar="NAME=FIELD",
+                        help="--file's field for question, choices, gold, passage, id "
+                             "(repeatable)")
+    parser.add_argument("--limit", type=int, help="prompts per task when NAME has no :N "
+                                                  "(default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling and decoding seed")
+    parser.add_argument("--models", help="tiers to run, comma-separated, in this order "
+                                         "(default: every tier, cheapest first)")
+    parser.add_argument("--config", metavar="PATH",
+                        help=f"gateway config declaring the tiers (default: ${CONFIG_ENV}, "
+                             "else the embedded default)")
+    parser.add_argument("--out", required=True, metavar="PATH", help="outcome table (JSONL)")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="requests in flight per tier (1 for embedded models)")
+    parser.add_argument("--judge", metavar="TIER", help="tier that grades open-ended answers")
+    parser.add_argument("--data-dir", metavar="DIR", help="where the task files are")
+    parser.add_argument("--pause-file", metavar="PATH", type=Path,
+                        help="while this file exists, start no new prompt (lets you use the "
+                             "machine without skewing timings)")
+    parser.set_defaults(handler=_collect)
+
+
+def _collect(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+        items = _items(args)
+        tiers = _tiers(config, args.models)
+        judge = _tiers(config, args.judge)[0] if args.judge else None
+        weights.ensure_for_tiers([*tiers, *([judge] if judge else [])],
+                                 log=lambda line: print(line, file=sys.stderr))
+    except (ConfigError, TaskError, ValueError, weights.WeightsError) as exc:
+        print(f"greenroute collect: {exc}", file=sys.stderr)
+        return 2
+    print(f"collecting {len(items)} prompts x {len(tiers)} tier(s) into {args.out}",
+          file=sys.stderr)
+    plan = collecting.CollectPlan(items=items, tiers=tiers, out=Path(args.out), seed=args.seed,
+                                  concurrency=args.concurrency, judge=judge,
+                                  pause_file=args.pause_file)
+    try:
+        asyncio.run(collecting.collect(plan))
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+    except ValueError as exc:
+        print(f"greenroute collect: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _items(args: argparse.Namespace) -> list[Item]:
+    if args.file:
+        if not args.kind:
+            raise TaskError("--file needs --kind")
+        fields = dict(pair.split("=", 1) for pair in args.field)
+        return sample(load_file(args.file, args.kind, fields), args.limit, args.seed)
+    if not args.task:
+        raise TaskError("name at least one --task (or a --file)")
+    items: list[Item] = []
+    for spec in args.task:
+        name, _, count = spec.partition(":")
+        limit = int(count) if count else args.limit
+        items += sample(load_task(name, args.data_dir), limit, args.seed)
+    return items
+
+
+def _tiers(config: GatewayConfig, names: str | None) -> list[TierConfig]:
+    by_name = {tier.name: tier for tier in config.tiers}
+    if not names:
+        return config.tiers_by_energy()
+    unknown = [n for n in names.split(",") if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown tier(s) {', '.join(unknown)}; the config has "
+                         f"{', '.join(by_name)}")
+    return [by_name[n] for n in names.split(",")]
+
+
+# -- eval -------------------------------------------------------------------------------------
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = commands.add_parser(
+        "eval", help="score routing policies on an outcome table (k-fold), with random and "
+                     "oracle",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Cross-validate routing policies on an outcome table, grouped so that no "
+                    "prompt is in two folds, and report APGR, CPT(20/50/80%%), AIQ and the "
+                    "energy saved at a quality target, beside the random and oracle policies. "
+                    "Writes metrics.json, summary.md and PNG plots to --out.",
+        epilog="example: greenroute eval --outcomes mmlu.jsonl --policy length --out eval-mmlu")
+    parser.add_argument("--outcomes", required=True, metavar="PATH", help="outcome table")
+    parser.add_argument("--small", help="the cheaper model (default: `small`, or the first of "
+                                        "a two-model table)")
+    parser.add_argument("--large", help="the stronger model (default: `large`, or the second)")
+    parser.add_argument("--policy", action="append", default=[], choices=sorted(BUILTIN),
+                        help="a built-in policy (repeatable); random and oracle are always "
+                             "reported")
+    parser.add_argument("--scores", action="append", default=[], metavar="PATH",
+                        help="a policy's per-prompt scores, JSONL {id, score} (higher: small "
+                             "model), or decisions 1 = small / 0 = large (repeatable)")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0, help="fold assignment seed")
+    parser.add_argument("--target", type=float, default=DEFAULT_TARGET,
+                        help="quality target as a share of the large model's quality "
+                             "(default: %(default)s)")
+    parser.add_argument("--energy-profile", metavar="NAME=J,...",
+                        help="joules per generated token per model (or per role small/large); "
+                             "overrides measured joules. Default when the table has none: "
+                             "small=0.095,large=0.563 (ML.ENERGY, Llama-3.1 8B vs 70B, H100)")
+    parser.add_argument("--out", metavar="DIR", type=Path, help="write metrics.json, "
+                        "summary.md and plots here")
+    parser.set_defaults(handler=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    try:
+        small, large = _pair_names(args)
+        table = load_table(args.outcomes, [small, large])
+        profile = parse_profile(args.energy_profile) if args.energy_profile else None
+        factories = [BUILTIN[name] for name in args.policy]
+        factories += [functools.partial(ScoresFilePolicy, path) for path in args.scores]
+        evaluation = evaluate(table, small, large, factories, folds=args.folds, seed=args.seed,
+                              target=args.target, profile=profile)
+    except (OutcomeError, ValueError, OSError) as exc:
+        print(f"greenroute eval: {exc}", file=sys.stderr)
+        return 2
+    if table.dropped:
+        print(f"note: {table.dropped} prompt(s) without a result from both models were left "
+              "out", file=sys.stderr)
+    print(summary.text_table(evaluation))
+    if args.out:
+        plot_names = plots.write(evaluation, args.out)
+        summary.write(evaluation, args.out, plot_names)
+        print(f"wrote {args.out}/metrics.json, summary.md, {', '.join(plot_names)}")
+    return 0
+
+
+def _pair_names(args: argparse.Namespace) -> tuple[str, str]:
+    if args.small and args.large:
+        return args.small, args.large
+    models = list(next(iter(read_rows(args.outcomes).values()), {}).get("models", {}))
+    if "small" in models and "large" in models:
+        return args.small or "small", args.large or "large"
+    if len(models) == 2:
+        return args.small or models[0], args.large or models[1]
+    raise ValueError(f"name the pair with --small and --large (the table has "
+                     f"{', '.join(models) or 'no models'})")
+
+
+# -- outcomes import --------------------------------------------------------------------------
+
+def _add_outcomes(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = commands.add_parser("outcomes", help="import external outcome tables")
+    sub = parser.add_subparsers(dest="outcomes_command", required=True)
+    imp = sub.add_parser(
+        "import", help="turn a table with one correctness column per model into an outcome "
+                       "table",
+        description="Import a JSONL or CSV table (RouteLLM's CSVs, ../shared's "
+                    "routellm_mmlu.jsonl, ...) with a prompt field and one correctness field "
+                    "per model (JSON booleans, \"True\"/\"False\", 0/1 or scores in [0, 1]).",
+        epilog="example: greenroute outcomes import ../shared/data/outcomes/routellm_mmlu.jsonl "
+               "--prompt-field question,choices --model mixtral=mixtral_8x7b_correct "
+               "--model gpt4=gpt4_1106_correct --id-field mmlu_test_line --task-field subject "
+               "--out mmlu.jsonl")
+    imp.add_argument("source", help="JSONL or CSV file")
+    imp.add_argument("--out", required=True, help="outcome table to write")
+    imp.add_argument("--prompt-field", required=True, metavar="FIELD[,FIELD...]",
+                     help="the prompt text; several fields are joined by newlines")
+    imp.add_argument("--model", action="append", required=True, metavar="NAME=FIELD",
+                     help="a model and its correctness field, cheapest first (repeatable)")
+    imp.add_argument("--id-field", help="field with a unique id (default: the record number)")
+    imp.add_argument("--task-field", help="field naming each prompt's task or subject")
+    imp.add_argument("--task", help="task name for every row (default: the file's stem)")
+    imp.set_defaults(handler=_import)
+
+
+def _import(args: argparse.Namespace) -> int:
+    try:
+        models = dict(pair.split("=", 1) for pair in args.model)
+        count = import_table(args.source, args.out, prompt_field=args.prompt_field,
+                             model_fields=models, id_field=args.id_field,
+                             task_field=args.task_field, task=args.task)
+    except (OutcomeError, OSError, ValueError) as exc:
+        print(f"greenroute outcomes import: {exc}", file=sys.stderr)
+        return 2
+    print(f"{count} prompts -> {args.out}")
+    return 0

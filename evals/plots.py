@@ -1,0 +1,48 @@
+"""Plots of an evaluation: quality against energy, and against the share of large calls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from evals.evaluate import ORACLE, RANDOM, Evaluation
+
+QUALITY_ENERGY = "quality_energy.png"
+QUALITY_SHARE = "quality_share.png"
+
+
+def write(evaluation: Evaluation, out: Path) -> list[str]:
+    """Write both PNGs into `out`; return their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    ref = evaluation.reference
+    small, large = evaluation.small, evaluation.large
+    target_quality = evaluation.target * ref[f"quality_{large}"]
+    for name, x_of, x_label in (
+            (QUALITY_ENERGY, lambda c: c.energy, "mean energy per prompt (J)"),
+            (QUALITY_SHARE, lambda c: 100 * c.share, "prompts sent to the large model (%)")):
+        figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+        for result in evaluation.results:
+            if result.curve is None:
+                continue
+            style = {RANDOM: dict(color="grey", linestyle="--"),
+                     ORACLE: dict(color="black", linestyle=":")}.get(result.name, {})
+            axes.plot(x_of(result.curve), result.curve.quality, label=result.name, **style)
+        if name == QUALITY_ENERGY:
+            axes.scatter([ref[f"joules_{small}"], ref[f"joules_{large}"]],
+                         [ref[f"quality_{small}"], ref[f"quality_{large}"]], color="tab:red",
+                         zorder=3, label=f"{small} / {large} alone")
+        axes.axhline(target_quality, color="tab:green", linewidth=0.8,
+                     label=f"{round(100 * evaluation.target)}% of {large}'s quality")
+        axes.set_xlabel(x_label)
+        axes.set_ylabel("mean quality")
+        axes.set_title(f"{small} vs {large}, {evaluation.prompts} prompts")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(out / name)
+        plt.close(figure)
+    return [QUALITY_ENERGY, QUALITY_SHARE]

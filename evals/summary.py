@@ -1,0 +1,90 @@
+"""An evaluation as a printed table, a Markdown summary and metrics.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from evals.evaluate import Evaluation, PolicyResult
+
+COLUMNS = (("apgr", "APGR", "num"), ("cpt20", "CPT(20%)", "pct"), ("cpt50", "CPT(50%)", "pct"),
+           ("cpt80", "CPT(80%)", "pct"), ("aiq", "AIQ", "num"),
+           ("energy_saved", "energy saved", "pct"), ("share_at_target", "large share", "pct"))
+
+
+def _cell(value: float | None, kind: str) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}%" if kind == "pct" else f"{value:.3f}"
+
+
+def _rows(evaluation: Evaluation, pick: str) -> list[list[str]]:
+    rows = []
+    for result in evaluation.results:
+        values = {key: (result.mean(key) if pick == "folds" else result.whole.get(key))
+                  for key, _, _ in COLUMNS}
+        rows.append([result.name, *(_cell(values[key], kind) for key, _, kind in COLUMNS)])
+    return rows
+
+
+def _header(evaluation: Evaluation) -> list[str]:
+    target = f"{round(100 * evaluation.target)}%"
+    names = [name.replace("energy saved", f"saved @{target}").replace(
+        "large share", f"large share @{target}") for _, name, _ in COLUMNS]
+    return ["policy", *names]
+
+
+def text_table(evaluation: Evaluation) -> str:
+    """Both views, aligned for a terminal."""
+    out = [_context(evaluation), ""]
+    for pick, title in (("folds", f"mean of {evaluation.folds} folds"),
+                        ("whole", "whole table (out-of-fold scores)")):
+        rows = [_header(evaluation), *_rows(evaluation, pick)]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        out.append(title)
+        out += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
+                          enumerate(zip(row, widths))) for row in rows]
+        out.append("")
+    return "\n".join(out)
+
+
+def markdown(evaluation: Evaluation, plots: list[str]) -> str:
+    out = ["# Routing evaluation", "", _context(evaluation), ""]
+    for pick, title in (("folds", f"Mean of {evaluation.folds} folds"),
+                        ("whole", "Whole table (out-of-fold scores)")):
+        header = _header(evaluation)
+        out += [f"## {title}", "", "| " + " | ".join(header) + " |",
+                "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(row) + " |" for row in _rows(evaluation, pick)]
+        out.append("")
+    out += [f"![{p}]({p})" for p in plots]
+    return "\n".join(out) + "\n"
+
+
+def _context(evaluation: Evaluation) -> str:
+    ref = evaluation.reference
+    s, l = evaluation.small, evaluation.large
+    return (f"{evaluation.prompts} prompts; small = {s} (quality {ref[f'quality_{s}']:.3f}, "
+            f"{ref[f'joules_{s}']:.4g} J/prompt), large = {l} (quality {ref[f'quality_{l}']:.3f}, "
+            f"{ref[f'joules_{l}']:.4g} J/prompt); only large right {ref['only_large_right']}, "
+            f"only small right {ref['only_small_right']}; energy: "
+            + ", ".join(f"{m} {src}" for m, src in evaluation.energy_source.items()))
+
+
+def metrics_json(evaluation: Evaluation) -> dict[str, Any]:
+    def result(r: PolicyResult) -> dict[str, Any]:
+        keys = [key for key, _, _ in COLUMNS] + ["quality_at_target"]
+        return {"folds": r.folds, "mean": {k: r.mean(k) for k in keys},
+                "std": {k: r.std(k) for k in keys}, "whole": r.whole}
+
+    return {"small": evaluation.small, "large": evaluation.large, "prompts": evaluation.prompts,
+            "folds": evaluation.folds, "target": evaluation.target,
+            "energy_source": evaluation.energy_source, "reference": evaluation.reference,
+            "policies": {r.name: result(r) for r in evaluation.results}}
+
+
+def write(evaluation: Evaluation, out: Path, plots: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics_json(evaluation), indent=2) + "\n")
+    (out / "summary.md").write_text(markdown(evaluation, plots))

@@ -1,0 +1,102 @@
+"""`greenroute outcomes import` and `greenroute eval`, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from matplotlib import image
+
+from evals.outcomes import OutcomeError, OutcomeWriter, compact, import_table, read_rows
+
+GREENROUTE = str(Path(sys.executable).parent / "greenroute")
+SHARED_MMLU = Path(__file__).resolve().parents[2] / "shared/data/outcomes/routellm_mmlu.jsonl"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([GREENROUTE, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def mmlu_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("mmlu") / "mmlu.jsonl"
+    done = _run("outcomes", "import", str(SHARED_MMLU), "--prompt-field", "question,choices",
+                "--model", "mixtral=mixtral_8x7b_correct", "--model", "gpt4=gpt4_1106_correct",
+                "--id-field", "mmlu_test_line", "--task-field", "subject", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "14042 prompts" in done.stdout
+    return out
+
+
+def test_eval_on_shared_mmlu_prints_every_metric_and_writes_files(mmlu_table: Path,
+                                                                   tmp_path: Path) -> None:
+    done = _run("eval", "--outcomes", str(mmlu_table), "--policy", "length", "--out",
+                str(tmp_path / "eval"))
+    assert done.returncode == 0, done.stderr
+    for word in ("APGR", "CPT(50%)", "AIQ", "saved @95%", "length", "random", "oracle",
+                 "only large right 2497", "only small right 742"):
+        assert word in done.stdout
+    result = json.loads((tmp_path / "eval/metrics.json").read_text())
+    policies = result["policies"]
+    assert policies["oracle"]["whole"]["cpt50"] == pytest.approx(878 / 14042)
+    assert policies["random"]["whole"]["apgr"] == pytest.approx(0.5)
+    assert len(policies["length"]["folds"]) == 5
+    assert 0.4 < policies["length"]["mean"]["apgr"] < 0.8  # better than random, below oracle
+    assert result["energy_source"] == {"mixtral": "profile", "gpt4": "profile"}
+    summary = (tmp_path / "eval/summary.md").read_text()
+    assert "| oracle |" in summary and "quality_energy.png" in summary
+    for name in ("quality_energy.png", "quality_share.png"):
+        height, width, _ = image.imread(tmp_path / "eval" / name).shape
+        assert (width, height) == (840, 540)
+
+
+def test_import_reads_routellm_csv_strings_and_eval_names_the_pair(tmp_path: Path) -> None:
+    source = tmp_path / "routellm.csv"
+    lines = ["prompt,gpt-4-1106-preview,mixtral-8x7b-instruct-v0.1"]
+    lines += [f'"question {i}",{"True" if i % 8 else "False"},{"True" if i % 2 else "False"}'
+              for i in range(40)]
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    count = import_table(source, out, prompt_field="prompt",
+                         model_fields={"weak": "mixtral-8x7b-instruct-v0.1",
+                                       "strong": "gpt-4-1106-preview"})
+    assert count == 40
+    rows = read_rows(out)
+    assert rows["routellm:1"]["models"] == {"weak": {"quality": 1.0, "graded_by": "import"},
+                                            "strong": {"quality": 1.0, "graded_by": "import"}}
+    assert rows["routellm:8"]["models"]["strong"]["quality"] == 0.0
+    done = _run("eval", "--outcomes", str(out), "--folds", "4")
+    assert done.returncode == 0, done.stderr
+    assert "small = weak" in done.stdout and "large = strong" in done.stdout
+
+
+def test_import_refuses_values_that_are_not_outcomes(tmp_path: Path) -> None:
+    source = tmp_path / "bad.jsonl"
+    source.write_text(json.dumps({"q": "x", "a": "maybe"}) + "\n")
+    with pytest.raises(OutcomeError, match="record 1"):
+        import_table(source, tmp_path / "o.jsonl", prompt_field="q", model_fields={"m": "a"})
+    done = _run("eval", "--outcomes", str(tmp_path / "missing.jsonl"))
+    assert done.returncode == 2 and "greenroute eval:" in done.stderr
+
+
+def test_appended_lines_merge_and_a_truncated_last_line_is_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "o.jsonl"
+    writer = OutcomeWriter(path)
+    writer.append({"id": "t:1", "task": "t", "prompt": "line\u2028break", "models": {"a": {"quality": 1}}})
+    writer.append({"id": "t:2", "task": "t", "prompt": "p", "models": {"a": {"quality": 0}}})
+    writer.append({"id": "t:1", "task": "t", "prompt": "line\u2028break", "models": {"b": {"quality": 0}}})
+    writer.close()
+    with path.open("a") as f:
+        f.write('{"v": 1, "id": "t:3", "mod')  # killed mid-write
+    rows = read_rows(path)
+    assert list(rows) == ["t:1", "t:2"]
+    assert rows["t:1"]["models"] == {"a": {"quality": 1}, "b": {"quality": 0}}
+    assert rows["t:1"]["prompt"] == "line\u2028break"
+    assert compact(path) == 2
+    assert len(path.read_text().split("\n")) == 3  # two lines and the final newline
+    path.write_text('{"v": 2, "id": "x"}\n')
+    with pytest.raises(OutcomeError, match="schema version 2"):
+        read_rows(path)
