@@ -27,6 +27,7 @@ import numpy as np
 import orjson
 
 from backends.base import BackendUnavailable, BadGateway, Chunk, Completion, Endpoint, InvalidRequest, Usage
+from backends.energy.progress import Progress, current_track
 
 
 class GenerationCancelled(Exception):
@@ -38,6 +39,10 @@ _END = object()
 
 class LlamaCppBackend:
     """A GGUF model in this process, behind a one-thread queue."""
+
+    # Energy: the worker begins a request's track when it starts on it (not while it queues),
+    # reports the prompt at the first sampled token and then each token, and ends it.
+    reports_progress = True
 
     def __init__(self, name: str, model_path: Path, model_id: str, *, threads: int | None = None,
                  context: int = 4096, max_queue: int = 32) -> None:
@@ -87,7 +92,7 @@ class LlamaCppBackend:
 
     async def create(self, endpoint: Endpoint, body: dict[str, Any]) -> Completion:
         kwargs, logprobs = _llama_kwargs(endpoint, body)
-        generation = _Generation(self, logprobs)
+        generation = _Generation(self, logprobs, current_track.get())
         future = self._submit(self._run, endpoint, kwargs, generation)
         try:
             result = await asyncio.wrap_future(future)
@@ -100,7 +105,7 @@ class LlamaCppBackend:
                      body: dict[str, Any]) -> AsyncIterator[list[Chunk]]:
         kwargs, logprobs = _llama_kwargs(endpoint, body)
         kwargs["stream"] = True
-        generation = _Generation(self, logprobs)
+        generation = _Generation(self, logprobs, current_track.get())
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -153,6 +158,7 @@ class LlamaCppBackend:
 
     def _run(self, endpoint: Endpoint, kwargs: dict[str, Any], generation: _Generation) -> dict:
         self._active = generation
+        generation.begin()
         try:
             result = self._generate(endpoint, kwargs, generation)
         except GenerationCancelled:
@@ -163,6 +169,7 @@ class LlamaCppBackend:
             raise BadGateway(f"backend {self.name!r} failed: {exc!r}") from exc
         finally:
             self._active = None
+            generation.end()
         result["model"] = self.model_id
         if generation.logprobs is not None:
             generation.attach_all(endpoint, result["choices"][0])
@@ -171,6 +178,7 @@ class LlamaCppBackend:
     def _run_stream(self, endpoint: Endpoint, kwargs: dict[str, Any], generation: _Generation,
                     put: Callable[[Any], None]) -> None:
         self._active = generation
+        generation.begin()
         chunk: dict[str, Any] = {}
         try:
             for chunk in self._generate(endpoint, kwargs, generation):
@@ -178,6 +186,7 @@ class LlamaCppBackend:
                 if generation.logprobs is not None:
                     generation.attach_new(endpoint, chunk["choices"][0])
                 put(Chunk(data=orjson.dumps(chunk)))
+            generation.end()  # before the usage chunk, which carries the energy
             usage = generation.usage()
             put(Chunk(data=orjson.dumps({
                 "id": chunk.get("id") or f"cmpl-{uuid.uuid4().hex}",
@@ -197,15 +206,18 @@ class LlamaCppBackend:
             put(BadGateway(f"backend {self.name!r} failed: {exc!r}"))
         finally:
             self._active = None
+            generation.end()
             put(_END)
 
 
 class _Generation:
     """What the worker observes of one generation: token counts, logprobs, cancellation."""
 
-    def __init__(self, backend: LlamaCppBackend, logprobs: int | None) -> None:
+    def __init__(self, backend: LlamaCppBackend, logprobs: int | None,
+                 track: Progress | None = None) -> None:
         self._backend = backend
         self.logprobs = logprobs  # None: not asked; else how many alternatives per token
+        self.track = track  # energy attribution (backends/energy/progress.py)
         self.cancel = threading.Event()
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -222,15 +234,27 @@ class _Generation:
         self._step = (values, float(peak + np.log(np.exp(values - peak).sum())))
         return logits
 
+    def begin(self) -> None:
+        if self.track is not None:
+            self.track.begin()
+
+    def end(self) -> None:
+        if self.track is not None:
+            self.track.end()
+
     def on_token(self, token: int) -> None:
         if self.cancel.is_set():
             raise GenerationCancelled
         llm = self._backend._llm
         if self.prompt_tokens == 0:
             self.prompt_tokens = llm.n_tokens  # the whole prompt is evaluated before the 1st sample
+            if self.track is not None:
+                self.track.tokens(self.prompt_tokens)
         if _is_end_of_generation(llm, token):
             return
         self.completion_tokens += 1
+        if self.track is not None:
+            self.track.tokens(1)
         if self._step is not None:
             values, log_z = self._step
             top: list[tuple[int, float]] = []

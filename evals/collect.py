@@ -51,9 +51,11 @@ class CollectPlan:
 
 
 def meter_for(tier: TierConfig) -> Meter | None:
-    """The meter that sees a tier's energy: this process's CPU for an embedded model; none
-    (tokens and latency only) for a model served elsewhere."""
-    return CpuTimeEstimateMeter() if tier.backend == "llamacpp" else None
+    """The meter that sees a tier's energy: the tier's `meter` config, else this process's CPU
+    for an embedded model and none for a model served elsewhere (backends/energy/select.py)."""
+    from backends.energy import select
+
+    return select.meter_for(tier)
 
 
 def pending(plan: CollectPlan, tier: TierConfig) -> list[Item]:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from backends import weights
 from evals import commands as eval_commands
+from gateway import agent, report
 from gateway.config import CONFIG_ENV, ConfigError, GatewayConfig, load_config
 
 SERVE_EPILOG = f"""\
@@ -59,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.set_defaults(handler=_serve)
     models.set_defaults(handler=_models)
     eval_commands.add_parsers(commands)
+    report.add_parser(commands)
+    agent.add_parser(commands)
 
     args = parser.parse_args(argv)
     return int(args.handler(args))
@@ -84,6 +87,7 @@ def _models(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from backends.energy.meter import MeterError
     from gateway.app import create_app
 
     try:
@@ -100,7 +104,12 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"greenroute serve: {exc}", file=sys.stderr)
         return 1
     server = config.server
-    uvicorn.run(create_app(config), host=server.host, port=server.port,
+    try:
+        app = create_app(config)
+    except MeterError as exc:
+        print(f"greenroute serve: energy meter: {exc}", file=sys.stderr)
+        return 1
+    uvicorn.run(app, host=server.host, port=server.port,
                 log_level=server.log_level, access_log=False, http="httptools",
                 loop="uvloop" if sys.platform != "win32" else "asyncio",
                 timeout_graceful_shutdown=10)

@@ -31,6 +31,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class MeterConfig(_Strict):
+    """Which energy counter sees a tier's work (docs/energy.md). Tiers with the same meter share
+    one device group: its energy is split between their requests."""
+
+    kind: Literal["estimate", "nvml", "rapl", "prometheus", "none"]
+    # nvml: GPU indices to sum. prometheus: values of the `gpu` label to sum (empty: all).
+    gpus: tuple[int, ...] = ()
+    # prometheus: the exporter's URL (DCGM exporter, or `greenroute agent`), series and unit.
+    url: str | None = None
+    metric: str = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"
+    joules_per_unit: float = Field(default=0.001, gt=0)  # DCGM reports millijoules
+    timeout_s: float = Field(default=2.0, gt=0)
+    # estimate: watts per busy core (Cloud Carbon Footprint's AWS average, docs/energy.md).
+    watts_per_core: float = Field(default=3.5, gt=0)
+    # rapl: the powercap tree.
+    rapl_root: str = "/sys/class/powercap"
+
+    @model_validator(mode="after")
+    def _check_kind_fields(self) -> MeterConfig:
+        if self.kind == "nvml" and not self.gpus:
+            raise ValueError("meter 'nvml' needs gpus (NVML indices)")
+        if self.kind == "prometheus" and not self.url:
+            raise ValueError("meter 'prometheus' needs url")
+        return self
+
+
 class TierConfig(_Strict):
     """One model the gateway can send requests to."""
 
@@ -54,6 +80,8 @@ class TierConfig(_Strict):
     timeout_s: float = Field(default=120.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     max_connections: int = Field(default=256, ge=1)
+    # The energy meter; default: `estimate` for llamacpp (this process's CPU), none otherwise.
+    meter: MeterConfig | None = None
 
     @model_validator(mode="after")
     def _check_backend_fields(self) -> TierConfig:
@@ -96,10 +124,40 @@ class ServerConfig(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class EnergyConfig(_Strict):
+    """Sampling and reporting of energy (docs/energy.md)."""
+
+    interval_ms: int = Field(default=100, ge=10)  # how often each meter is read
+    period_s: float = Field(default=60.0, gt=0)  # one device_energy ledger row per period
+    # gCO2 per kWh for reports: Ember's world average (Global Electricity Review 2023).
+    grid_gco2_per_kwh: float = Field(default=436.0, ge=0)
+
+
+class LedgerConfig(_Strict):
+    """Where request rows go (docs/energy.md): SQLite by default, any SQLAlchemy URL."""
+
+    enabled: bool = True
+    path: str | None = None  # SQLite file; default $GREENROUTE_DATA_DIR/ledger.db
+    url: str | None = None  # any SQLAlchemy URL (postgresql+psycopg://...); overrides path
+    store_text: bool = False  # keep prompts and answers in rows (off: privacy by default)
+    batch_size: int = Field(default=500, ge=1)
+    flush_interval_s: float = Field(default=0.5, gt=0)
+    max_buffer: int = Field(default=100_000, ge=1)  # rows held while the database is away
+    retry_s: float = Field(default=1.0, gt=0)  # first retry delay, doubling up to 30 s
+
+    @model_validator(mode="after")
+    def _check_target(self) -> LedgerConfig:
+        if self.path and self.url:
+            raise ValueError("ledger: give path or url, not both")
+        return self
+
+
 class GatewayConfig(_Strict):
     server: ServerConfig = ServerConfig()
     tiers: tuple[TierConfig, ...]
     keys: tuple[KeyConfig, ...] = ()
+    energy: EnergyConfig = EnergyConfig()
+    ledger: LedgerConfig = LedgerConfig()
 
     @model_validator(mode="after")
     def _check_names(self) -> GatewayConfig:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import orjson
 from starlette.responses import StreamingResponse
@@ -55,29 +55,54 @@ async def until_disconnect(watcher: asyncio.Future[None], work: Awaitable[T]) ->
     raise ClientGone
 
 
+class StreamObserver(Protocol):
+    """What the gateway's accounting sees of a stream: the chunk carrying usage (its returned
+    bytes replace the chunk's: they add the energy), and how the stream ended."""
+
+    def usage_chunk(self, chunk: Chunk) -> bytes: ...
+
+    def ended(self, status: int, code: str | None) -> None: ...
+
+
 async def sse_events(first: Sequence[Chunk] | None, rest: AsyncIterator[Sequence[Chunk]],
-                     include_usage: bool) -> AsyncIterator[bytes]:
+                     include_usage: bool,
+                     observer: StreamObserver | None = None) -> AsyncIterator[bytes]:
     """Encode batches of chunks as SSE, one write per batch; a failure after the first byte
     becomes an error event.
 
     The usage-only chunk is forwarded only to clients that asked for it, as OpenAI does.
     """
+    status, code = 499, "client_closed"  # unless it gets to the end or to an error
     try:
         batch = first
         while batch is not None:
-            events = b"".join([b"data: " + chunk.data + b"\n\n" for chunk in batch
-                               if include_usage or not chunk.usage_only])
-            if events:
-                yield events
+            parts = []
+            for chunk in batch:
+                data = chunk.data
+                if chunk.usage is not None and observer is not None:
+                    data = observer.usage_chunk(chunk)
+                if include_usage or not chunk.usage_only:
+                    parts.append(b"data: " + data + b"\n\n")
+            if parts:
+                yield b"".join(parts)
             batch = await anext(rest, None)
+        status, code = 200, None
         yield DONE
     except BackendError as exc:
-        yield b"data: " + orjson.dumps(APIError.from_backend(exc).body()) + b"\n\n"
+        error = APIError.from_backend(exc)
+        status, code = error.status, error.code
+        yield b"data: " + orjson.dumps(error.body()) + b"\n\n"
     except Exception:
         log.exception("stream failed")
-        yield b"data: " + orjson.dumps(server_error().body()) + b"\n\n"
+        error = server_error()
+        status, code = error.status, error.code
+        yield b"data: " + orjson.dumps(error.body()) + b"\n\n"
     finally:
-        await rest.aclose()  # also on cancellation (client gone): it closes the upstream
+        try:
+            await rest.aclose()  # also on cancellation (client gone): it closes the upstream
+        finally:
+            if observer is not None:
+                observer.ended(status, code)
 
 
 class EventStreamResponse(StreamingResponse):

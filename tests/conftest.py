@@ -4,6 +4,7 @@ model and of fake OpenAI-protocol upstreams, reached with the real `openai` clie
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -62,6 +63,20 @@ def stop_gateway(gateway: Gateway) -> None:
         gateway.process.wait(timeout=15)
     except subprocess.TimeoutExpired:
         gateway.process.kill()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ledger_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Gateways started by tests write their default ledger here, not in the user's data
+    directory (they inherit the environment)."""
+    path = tmp_path_factory.mktemp("ledger")
+    saved = os.environ.get("GREENROUTE_DATA_DIR")
+    os.environ["GREENROUTE_DATA_DIR"] = str(path)
+    yield path
+    if saved is None:
+        os.environ.pop("GREENROUTE_DATA_DIR", None)
+    else:
+        os.environ["GREENROUTE_DATA_DIR"] = saved
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,257 @@
+"""Per-request accounting: what a request asked for, which models it tried, their tokens and
+energy, and the ledger row it becomes.
+
+The request path only fills in a `RequestRecord` (attribute writes) and tells the energy tracks
+when work begins and ends. The row is handed to the ledger writer once every track it used is
+final, which the device's sampler decides, so nothing here waits for a database or a tick.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from backends.base import Backend, Usage
+from backends.energy.attribution import Track
+from backends.energy.progress import current_track
+from backends.energy.sampler import Fleet
+from gateway.ledger.writer import LedgerWriter
+
+
+class Accounting:
+    """Opens a record per request; sends finished rows to the ledger (if there is one)."""
+
+    def __init__(self, fleet: Fleet, writer: LedgerWriter | None, store_text: bool) -> None:
+        self.fleet = fleet
+        self.writer = writer
+        self.store_text = store_text
+
+    def open(self, request_id: str, endpoint: str) -> RequestRecord:
+        return RequestRecord(self, request_id, endpoint)
+
+    def submit(self, record: RequestRecord) -> None:
+        if self.writer is not None:
+            self.writer.put_many(record.rows())
+
+
+class Attempt:
+    """One model tried for a request, and its track on that model's device (if metered)."""
+
+    __slots__ = ("tier", "model_id", "track", "self_reporting", "usage", "first_output",
+                 "answered", "_done")
+
+    def __init__(self, tier: str, backend: Backend, track: Track | None) -> None:
+        self.tier = tier
+        self.model_id = backend.model_id
+        self.track = track
+        # A backend that sees each token reports progress itself (backends/energy/progress.py).
+        self.self_reporting = bool(getattr(backend, "reports_progress", False))
+        self.usage: Usage | None = None
+        self.first_output: float | None = None
+        self.answered = False
+        self._done = False
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Around the backend call: the track is the current one, and begun unless the backend
+        begins it itself when its worker starts."""
+        if self.track is not None and not self.self_reporting:
+            self.track.begin()
+        token = current_track.set(self.track)
+        try:
+            yield
+        finally:
+            current_track.reset(token)
+
+    def output_started(self) -> None:
+        if self.first_output is None:
+            self.first_output = time.monotonic()
+
+    def done(self, usage: Usage | None) -> None:
+        """The model has finished (or failed): report its tokens if the backend did not."""
+        if self._done:
+            return
+        self._done = True
+        if usage is not None:
+            self.usage = usage
+        track = self.track
+        if track is None:
+            return
+        if self.self_reporting:
+            track.abandon()  # only if its worker never started it; otherwise the worker ends it
+            return
+        now = time.monotonic()
+        if usage is not None:
+            if self.first_output is not None:  # prompt until the first output, then the rest
+                track.tokens(usage.prompt_tokens, at=self.first_output)
+                track.tokens(usage.completion_tokens, at=now)
+            else:
+                track.tokens(usage.total_tokens, at=now)
+        track.end(now)
+
+    def joules(self) -> float | None:
+        return None if self.track is None else self.track.joules_now()
+
+
+class RequestRecord:
+    """Everything the ledger keeps about one request, filled in as it is handled."""
+
+    def __init__(self, accounting: Accounting, request_id: str, endpoint: str) -> None:
+        self.accounting = accounting
+        self.id = request_id
+        self.endpoint = endpoint
+        self.created = datetime.now(UTC)
+        self.started = time.perf_counter()
+        self.key_id: str | None = None
+        self.stream = False
+        self.requested_model: str | None = None
+        self.route: str | None = None
+        self.quality_target: float | None = None
+        self.attempts: list[Attempt] = []
+        self.status = 0
+        self.error: str | None = None
+        self.latency_ms = 0.0
+        self.ttft_ms: float | None = None
+        self.prompt_text: str | None = None
+        self.answer_text: str | None = None
+        self._lock = threading.Lock()
+        self._waiting = 0  # tracks not final yet
+        self._finished = False
+        self._submitted = False
+
+    @property
+    def store_text(self) -> bool:
+        return self.accounting.store_text
+
+    def attempt(self, tier: str, backend: Backend) -> Attempt:
+        track = self.accounting.fleet.track(tier, self.id, self._track_final)
+        if track is not None:
+            with self._lock:
+                self._waiting += 1
+        attempt = Attempt(tier, backend, track)
+        self.attempts.append(attempt)
+        return attempt
+
+    def output_started(self) -> None:
+        if self.ttft_ms is None:
+            self.ttft_ms = (time.perf_counter() - self.started) * 1000
+        if self.attempts:
+            self.attempts[-1].output_started()
+
+    def answered_whole(self) -> None:
+        """A non-streamed answer: its first token reaches the client with the last one."""
+        if self.ttft_ms is None:
+            self.ttft_ms = (time.perf_counter() - self.started) * 1000
+
+    def finish(self, status: int, error: str | None = None) -> None:
+        """The request is over (answered, refused or abandoned): close its attempts; the row
+        goes to the ledger as soon as their energy is final."""
+        if self._finished:
+            return
+        self.latency_ms = (time.perf_counter() - self.started) * 1000
+        self.status = status
+        self.error = error
+        if status < 400 and self.attempts:
+            self.attempts[-1].answered = True
+        for attempt in self.attempts:
+            attempt.done(None)
+        with self._lock:
+            self._finished = True
+            ready = self._waiting == 0
+        if ready:
+            self._submit()
+
+    def joules(self) -> float | None:
+        """The energy of every model tried, as known now (None: none of them is metered)."""
+        values = [j for a in self.attempts if (j := a.joules()) is not None]
+        return sum(values) if values else None
+
+    def energy_source(self) -> str | None:
+        sources = sorted({a.track.device.source for a in self.attempts if a.track is not None})
+        return "+".join(sources) if sources else None
+
+    def _track_final(self, track: Track) -> None:
+        with self._lock:
+            self._waiting -= 1
+            ready = self._finished and self._waiting == 0
+        if ready:
+            self._submit()
+
+    def _submit(self) -> None:
+        with self._lock:
+            if self._submitted:
+                return
+            self._submitted = True
+        self.accounting.submit(self)
+
+    # -- the rows -----------------------------------------------------------------------------
+
+    def rows(self) -> list[tuple[str, dict[str, Any]]]:
+        answer = next((a for a in self.attempts if a.answered), None)
+        usage = answer.usage if answer is not None else None
+        joules = self.joules()
+        completion = usage.completion_tokens if usage is not None else None
+        row = {
+            "id": self.id, "created": self.created, "key_id": self.key_id,
+            "endpoint": self.endpoint, "stream": self.stream,
+            "requested_model": self.requested_model, "route": self.route,
+            "quality_target": self.quality_target,
+            "answered_by": answer.tier if answer else None,
+            "upstream_model": answer.model_id if answer else None,
+            "models_tried": len(self.attempts), "status": self.status, "error": self.error,
+            "prompt_tokens": usage.prompt_tokens if usage is not None else None,
+            "completion_tokens": completion,
+            "latency_ms": round(self.latency_ms, 3),
+            "ttft_ms": round(self.ttft_ms, 3) if self.ttft_ms is not None else None,
+            "joules": joules,
+            "joules_per_token": joules / completion if joules is not None and completion
+            else None,
+            "energy_source": self.energy_source(),
+            "prompt_text": self.prompt_text if self.store_text else None,
+            "answer_text": self.answer_text if self.store_text else None,
+        }
+        rows: list[tuple[str, dict[str, Any]]] = [("requests", row)]
+        for position, attempt in enumerate(self.attempts):
+            track = attempt.track
+            rows.append(("request_models", {
+                "request_id": self.id, "position": position, "tier": attempt.tier,
+                "upstream_model": attempt.model_id,
+                "prompt_tokens": attempt.usage.prompt_tokens if attempt.usage else None,
+                "completion_tokens": attempt.usage.completion_tokens if attempt.usage else None,
+                "joules": track.joules if track is not None else None,
+                "energy_source": track.device.source if track is not None else None,
+                "device": track.device.name if track is not None else None,
+                "answered": attempt.answered}))
+        return rows
+
+
+def period_row(period: Any) -> dict[str, Any]:
+    """A device_energy row from a backends.energy.attribution.PeriodEnergy."""
+    return {"device": period.device, "source": period.source,
+            "started": datetime.fromtimestamp(period.started, UTC),
+            "ended": datetime.fromtimestamp(period.ended, UTC),
+            "counter_start_j": period.counter_start_j, "counter_end_j": period.counter_end_j,
+            "measured_j": period.measured_j, "attributed_j": period.attributed_j,
+            "idle_j": period.idle_j, "intervals": period.intervals}
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    """What the client asked, for ledgers configured to keep text."""
+    if "messages" in body:
+        return orjson.dumps(body["messages"]).decode()
+    return orjson.dumps(body.get("prompt")).decode()
+
+
+def with_energy(body: bytes, joules: float) -> bytes:
+    """The answer's JSON with `usage.energy_joules` added (parsed and written once)."""
+    data = orjson.loads(body)
+    usage = data.get("usage")
+    if isinstance(usage, dict):
+        usage["energy_joules"] = round(joules, 6)
+    return orjson.dumps(data)

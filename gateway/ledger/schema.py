@@ -1,0 +1,83 @@
+"""The ledger's tables. Times are UTC; energies are joules; no prompt or answer text unless the
+ledger is configured with `store_text = true`.
+
+Changing a table here needs a migration in `store.MIGRATIONS`: existing ledgers are upgraded in
+place, never dropped (tests/test_ledger.py checks a migrated database against these models).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlmodel import Field, SQLModel
+
+
+class RequestRow(SQLModel, table=True):
+    """One request through the gateway, whatever became of it."""
+
+    __tablename__ = "requests"
+
+    id: str = Field(primary_key=True, max_length=64)  # the x-request-id the client saw
+    created: datetime = Field(index=True)  # when the request arrived (UTC)
+    key_id: str | None = Field(default=None, index=True, max_length=128)
+    endpoint: str = Field(max_length=32)  # chat/completions, completions
+    stream: bool = False
+    requested_model: str | None = Field(default=None, max_length=256)
+    route: str | None = Field(default=None, max_length=32)  # direct, green, cascade
+    quality_target: float | None = None
+    answered_by: str | None = Field(default=None, index=True, max_length=128)  # tier
+    upstream_model: str | None = Field(default=None, max_length=256)
+    models_tried: int = 0
+    status: int  # HTTP status; 499 when the client left first
+    error: str | None = Field(default=None, max_length=64)  # OpenAI error code
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency_ms: float
+    ttft_ms: float | None = None  # time to the first output (streams: first chunk)
+    joules: float | None = None  # all models tried; None when no tier tried was metered
+    joules_per_token: float | None = None  # per completion token of the answer
+    energy_source: str | None = Field(default=None, max_length=64)  # estimate, nvml, ...
+    prompt_text: str | None = None  # only with store_text
+    answer_text: str | None = None
+
+
+class AttemptRow(SQLModel, table=True):
+    """One model tried for a request (a cascade tries several), with its own tokens and
+    energy."""
+
+    __tablename__ = "request_models"
+
+    request_id: str = Field(primary_key=True, foreign_key="requests.id", max_length=64)
+    position: int = Field(primary_key=True)  # 0 first
+    tier: str = Field(index=True, max_length=128)
+    upstream_model: str | None = Field(default=None, max_length=256)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    joules: float | None = None
+    energy_source: str | None = Field(default=None, max_length=32)
+    device: str | None = Field(default=None, max_length=256)
+    answered: bool = False
+
+
+class DeviceEnergyRow(SQLModel, table=True):
+    """A device's measured energy over one period: attributed to requests, or idle.
+
+    measured_j = attributed_j + idle_j = counter_end_j - counter_start_j, to rounding.
+    """
+
+    __tablename__ = "device_energy"
+
+    device: str = Field(primary_key=True, max_length=256)
+    started: datetime = Field(primary_key=True, index=True)
+    ended: datetime
+    source: str = Field(max_length=32)
+    counter_start_j: float
+    counter_end_j: float
+    measured_j: float
+    attributed_j: float
+    idle_j: float
+    intervals: int
+
+
+TABLES = {"requests": RequestRow, "request_models": AttemptRow,
+          "device_energy": DeviceEnergyRow}
