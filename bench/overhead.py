@@ -116,6 +116,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "bench.toml"
         config.write_text(f'[server]\nport = {gateway_port}\nlog_level = "warning"\n\n'
+                          f'[ledger]\npath = "{Path(tmp) / "ledger.db"}"\n\n'
                           f'[[tiers]]\nname = "echo"\nbackend = "openai"\nurl = "{upstream_url}"\n'
                           'model = "echo"\n')
         upstream = _start([sys.executable, "-m", "tests.fake_upstream", "--port",
