@@ -14,8 +14,16 @@ from evals import plots, summary
 from evals.energy import parse_profile
 from evals.evaluate import evaluate
 from evals.metrics import DEFAULT_TARGET
-from evals.outcomes import OutcomeError, import_table, load_table, read_rows
+from evals.outcomes import OutcomeError, import_table, load_table, table_models
 from evals.policies import BUILTIN, ScoresFilePolicy
+from evals.routing import Embed, RouterKindPolicy, cross_validate_policy, evaluate_artifact
+from routers import artifact
+from routers import commands as router_commands
+from routers.artifact import ArtifactError
+from routers.encoders import EncoderError
+from routers.models import KINDS as ROUTER_KINDS
+from routers.models import KNNRouter
+from routers.training import TrainConfig
 from evals.tasks import KINDS, TASKS, Item, TaskError, load_file, load_task, sample
 from gateway.config import CONFIG_ENV, ConfigError, GatewayConfig, TierConfig, load_config
 
@@ -137,12 +145,29 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
     parser.add_argument("--small", help="the cheaper model (default: `small`, or the first of "
                                         "a two-model table)")
     parser.add_argument("--large", help="the stronger model (default: `large`, or the second)")
+    parser.add_argument("--tiers", help="several tiers, cheapest first, for --targets (the "
+                                        "metrics compare the first with the last)")
     parser.add_argument("--policy", action="append", default=[], choices=sorted(BUILTIN),
                         help="a built-in policy (repeatable); random and oracle are always "
                              "reported")
     parser.add_argument("--scores", action="append", default=[], metavar="PATH",
                         help="a policy's per-prompt scores, JSONL {id, score} (higher: small "
                              "model), or decisions 1 = small / 0 = large (repeatable)")
+    parser.add_argument("--kind", action="append", default=[], choices=[*ROUTER_KINDS, "all"],
+                        help="a router kind, trained on each fold's other folds (repeatable; "
+                             "all: every kind)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="add the plain baseline: kNN, k=50, label 'only large right'")
+    parser.add_argument("--encoder", help=router_commands.ENCODER_HELP + " (default: static, "
+                                          "or the --router artifact's)")
+    parser.add_argument("--targets", metavar="T,T,...",
+                        help="also cross-validate each --kind's whole policy (cascade where the "
+                             "table has logprobs, calibrated thresholds) and report the quality "
+                             "and energy it realised at these targets on held-out prompts")
+    parser.add_argument("--no-cascade", action="store_true", help="with --targets: route on "
+                                                                  "the prompt only")
+    parser.add_argument("--router", metavar="DIR", help="evaluate a trained artifact (use "
+                                                        "prompts it was not trained on)")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="fold assignment seed")
     parser.add_argument("--target", type=float, default=DEFAULT_TARGET,
@@ -159,18 +184,42 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
 
 def _eval(args: argparse.Namespace) -> int:
     try:
-        small, large = _pair_names(args)
-        table = load_table(args.outcomes, [small, large])
+        tiers = router_commands.tier_names(args, table_models(args.outcomes))
+        small, large = tiers[0], tiers[-1]
+        table = load_table(args.outcomes, tiers)
         profile = parse_profile(args.energy_profile) if args.energy_profile else None
         factories = [BUILTIN[name] for name in args.policy]
         factories += [functools.partial(ScoresFilePolicy, path) for path in args.scores]
+        kinds = list(ROUTER_KINDS) if "all" in args.kind else args.kind
+        embed = None
+        if kinds or args.baseline or args.router:
+            encoder = (artifact.load(args.router).encoder if args.router and not args.encoder
+                       else router_commands.build_encoder(args.encoder or "static"))
+            embed = router_commands.embedder(encoder)
+            factories += [functools.partial(RouterKindPolicy, kind, embed) for kind in kinds]
+            if args.baseline:
+                factories.append(functools.partial(_baseline, embed))
         evaluation = evaluate(table, small, large, factories, folds=args.folds, seed=args.seed,
                               target=args.target, profile=profile)
-    except (OutcomeError, ValueError, OSError) as exc:
+        if args.targets and embed is not None:
+            targets = router_commands.parse_targets(args.targets)
+            for kind in kinds:
+                config = TrainConfig(kind=kind, targets=targets, seed=args.seed,
+                                     cascade=not args.no_cascade)
+                result, rows = cross_validate_policy(table, tiers, embed, config,
+                                                     folds=args.folds, seed=args.seed,
+                                                     profile=profile)
+                evaluation.results.insert(-2, result)
+                evaluation.targets += rows
+        if args.router and embed is not None:
+            result, rows = evaluate_artifact(artifact.load(args.router), table, embed, profile)
+            evaluation.results.insert(-2, result)
+            evaluation.targets += rows
+    except (OutcomeError, ValueError, OSError, ArtifactError, EncoderError) as exc:
         print(f"greenroute eval: {exc}", file=sys.stderr)
         return 2
     if table.dropped:
-        print(f"note: {table.dropped} prompt(s) without a result from both models were left "
+        print(f"note: {table.dropped} prompt(s) without a result from every tier were left "
               "out", file=sys.stderr)
     print(summary.text_table(evaluation))
     if args.out:
@@ -180,16 +229,12 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pair_names(args: argparse.Namespace) -> tuple[str, str]:
-    if args.small and args.large:
-        return args.small, args.large
-    models = list(next(iter(read_rows(args.outcomes).values()), {}).get("models", {}))
-    if "small" in models and "large" in models:
-        return args.small or "small", args.large or "large"
-    if len(models) == 2:
-        return args.small or models[0], args.large or models[1]
-    raise ValueError(f"name the pair with --small and --large (the table has "
-                     f"{', '.join(models) or 'no models'})")
+def _baseline(embed: Embed) -> RouterKindPolicy:
+    """The plain baseline of earlier routers: kNN, k = 50, label "only the larger tier is
+    right"."""
+    policy = RouterKindPolicy("knn", embed, scheme="only-large", name="knn50-only-large")
+    policy.router = KNNRouter(k=50)
+    return policy
 
 
 # -- outcomes import --------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +52,7 @@ class Evaluation:
     energy_source: dict[str, str]
     reference: dict[str, float]  # mean quality and energy of each model alone
     results: list[PolicyResult]
+    targets: list[Any] = field(default_factory=list)  # evals.routing.TargetResult rows
 
 
 def pair_of(table: OutcomeTable, small: str, large: str,
@@ -61,12 +63,12 @@ def pair_of(table: OutcomeTable, small: str, large: str,
     return pair, {small: source_small, large: source_large}
 
 
-def group_folds(table: OutcomeTable, k: int, seed: int = 0) -> list[np.ndarray]:
+def group_folds(prompts: Sequence[str], k: int, seed: int = 0) -> list[np.ndarray]:
     """k folds of prompt indices; identical prompt texts always share a fold."""
-    if not 2 <= k <= len(table):
-        raise ValueError(f"need 2 <= folds <= prompts ({len(table)})")
+    if not 2 <= k <= len(prompts):
+        raise ValueError(f"need 2 <= folds <= prompts ({len(prompts)})")
     groups: dict[str, list[int]] = {}
-    for i, prompt in enumerate(table.prompts):
+    for i, prompt in enumerate(prompts):
         groups.setdefault(hashlib.sha256(prompt.encode()).hexdigest(), []).append(i)
     keys = sorted(groups)
     np.random.default_rng(seed).shuffle(keys)
@@ -83,7 +85,7 @@ def evaluate(table: OutcomeTable, small: str, large: str,
     """Cross-validate every policy (a factory: one fresh policy per fold) against the
     random and oracle references."""
     pair, sources = pair_of(table, small, large, profile)
-    splits = group_folds(table, folds, seed)
+    splits = group_folds(table.prompts, folds, seed)
     results = []
     for make in policies:
         result = PolicyResult(make().name)

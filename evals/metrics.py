@@ -53,7 +53,7 @@ class Pair:
 
 @dataclass(frozen=True)
 class Curve:
-    """Operating points of a policy, ordered by large-call share."""
+    """Operating points of a policy, in any order (every metric sorts what it needs)."""
 
     share: np.ndarray  # share of prompts answered by (or escalated to) the large model
     quality: np.ndarray  # mean quality per prompt

@@ -168,6 +168,15 @@ def _as_quality(value: Any) -> float:
     return quality
 
 
+def table_models(path: str | Path) -> list[str]:
+    """The models of a table, in the order its first row lists them (cheapest first when it
+    was imported or collected that way)."""
+    rows = read_rows(path)
+    if not rows:
+        raise OutcomeError(f"{path}: no outcome rows")
+    return list(next(iter(rows.values()))["models"])
+
+
 # -- the table for analysis -------------------------------------------------------------------
 
 @dataclass

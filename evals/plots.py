@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from evals.evaluate import ORACLE, RANDOM, Evaluation
 
 QUALITY_ENERGY = "quality_energy.png"
@@ -30,7 +32,9 @@ def write(evaluation: Evaluation, out: Path) -> list[str]:
                 continue
             style = {RANDOM: dict(color="grey", linestyle="--"),
                      ORACLE: dict(color="black", linestyle=":")}.get(result.name, {})
-            axes.plot(x_of(result.curve), result.curve.quality, label=result.name, **style)
+            x = x_of(result.curve)
+            order = np.argsort(x, kind="stable")
+            axes.plot(x[order], result.curve.quality[order], label=result.name, **style)
         if name == QUALITY_ENERGY:
             axes.scatter([ref[f"joules_{small}"], ref[f"joules_{large}"]],
                          [ref[f"quality_{small}"], ref[f"quality_{large}"]], color="tab:red",

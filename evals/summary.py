@@ -35,16 +35,45 @@ def _header(evaluation: Evaluation) -> list[str]:
     return ["policy", *names]
 
 
+def _aligned(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
+                      enumerate(zip(row, widths))) for row in rows]
+
+
+TARGET_HEADER = ["policy", "target", "quality / largest", "energy saved", "largest share",
+                 "target met"]
+
+
+def _target_rows(evaluation: Evaluation) -> list[list[str]]:
+    rows = []
+    for row in evaluation.targets:
+        rows.append([row.policy, f"{row.target:.2f}",
+                     _spread(row.quality_ratio, "num"), _spread(row.energy_saved, "pct"),
+                     _spread(row.largest_share, "pct"),
+                     f"{row.met}/{len(row.quality_ratio)}"])
+    return rows
+
+
+def _spread(values: list[float], kind: str) -> str:
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return _cell(mean, kind)
+    low, high = min(values), max(values)
+    return f"{_cell(mean, kind)} ({_cell(low, kind)}-{_cell(high, kind)})"
+
+
 def text_table(evaluation: Evaluation) -> str:
-    """Both views, aligned for a terminal."""
+    """Both views, aligned for a terminal, and the targets when there are any."""
     out = [_context(evaluation), ""]
     for pick, title in (("folds", f"mean of {evaluation.folds} folds"),
                         ("whole", "whole table (out-of-fold scores)")):
-        rows = [_header(evaluation), *_rows(evaluation, pick)]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         out.append(title)
-        out += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
-                          enumerate(zip(row, widths))) for row in rows]
+        out += _aligned([_header(evaluation), *_rows(evaluation, pick)])
+        out.append("")
+    if evaluation.targets:
+        out.append("calibrated targets on held-out prompts (mean over folds, min-max)")
+        out += _aligned([TARGET_HEADER, *_target_rows(evaluation)])
         out.append("")
     return "\n".join(out)
 
@@ -57,6 +86,11 @@ def markdown(evaluation: Evaluation, plots: list[str]) -> str:
         out += [f"## {title}", "", "| " + " | ".join(header) + " |",
                 "|" + "---|" * len(header)]
         out += ["| " + " | ".join(row) + " |" for row in _rows(evaluation, pick)]
+        out.append("")
+    if evaluation.targets:
+        out += ["## Calibrated targets on held-out prompts", "",
+                "| " + " | ".join(TARGET_HEADER) + " |", "|" + "---|" * len(TARGET_HEADER)]
+        out += ["| " + " | ".join(row) + " |" for row in _target_rows(evaluation)]
         out.append("")
     out += [f"![{p}]({p})" for p in plots]
     return "\n".join(out) + "\n"
@@ -81,7 +115,10 @@ def metrics_json(evaluation: Evaluation) -> dict[str, Any]:
     return {"small": evaluation.small, "large": evaluation.large, "prompts": evaluation.prompts,
             "folds": evaluation.folds, "target": evaluation.target,
             "energy_source": evaluation.energy_source, "reference": evaluation.reference,
-            "policies": {r.name: result(r) for r in evaluation.results}}
+            "policies": {r.name: result(r) for r in evaluation.results},
+            "targets": [{"policy": r.policy, "target": r.target, "quality_ratio": r.quality_ratio,
+                         "energy_saved": r.energy_saved, "largest_share": r.largest_share,
+                         "met": r.met} for r in evaluation.targets]}
 
 
 def write(evaluation: Evaluation, out: Path, plots: list[str]) -> None:

@@ -30,7 +30,7 @@ Kind = Literal["choice", "number", "yesno", "short", "open"]
 KINDS: tuple[Kind, ...] = ("choice", "number", "yesno", "short", "open")
 LETTERS = "ABCDEFGHIJ"
 
-DATA_ENV = "GREENROUTE_DATA_DIR"
+TASKS_ENV = "GREENROUTE_TASKS_DIR"
 # The shared datasets sit beside a checkout of this repository (../shared/data/tasks).
 _BESIDE_REPO = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tasks"
 
@@ -132,10 +132,10 @@ TASKS: dict[str, TaskSpec] = {
 
 
 def data_dir(explicit: str | Path | None = None) -> Path:
-    """Where the task files are: the argument, else $GREENROUTE_DATA_DIR, else ../shared."""
-    path = Path(explicit or os.environ.get(DATA_ENV) or _BESIDE_REPO)
+    """Where the task files are: the argument, else $GREENROUTE_TASKS_DIR, else ../shared."""
+    path = Path(explicit or os.environ.get(TASKS_ENV) or _BESIDE_REPO)
     if not path.is_dir():
-        raise TaskError(f"task data directory not found: {path} (set --data-dir or ${DATA_ENV})")
+        raise TaskError(f"task data directory not found: {path} (set --data-dir or ${TASKS_ENV})")
     return path
 
 

@@ -113,6 +113,7 @@ class RequestRecord:
         self.requested_model: str | None = None
         self.route: str | None = None
         self.quality_target: float | None = None
+        self.router_score: float | None = None
         self.attempts: list[Attempt] = []
         self.status = 0
         self.error: str | None = None
@@ -201,7 +202,7 @@ class RequestRecord:
             "id": self.id, "created": self.created, "key_id": self.key_id,
             "endpoint": self.endpoint, "stream": self.stream,
             "requested_model": self.requested_model, "route": self.route,
-            "quality_target": self.quality_target,
+            "quality_target": self.quality_target, "router_score": self.router_score,
             "answered_by": answer.tier if answer else None,
             "upstream_model": answer.model_id if answer else None,
             "models_tried": len(self.attempts), "status": self.status, "error": self.error,

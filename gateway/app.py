@@ -21,18 +21,21 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from backends.base import Backend, BackendError, Chunk, Completion, Endpoint
+from backends.base import Backend, BackendError, Chunk, Completion, Endpoint, Usage
 from backends.energy.sampler import Fleet
 from backends.registry import build_backend
 from gateway.accounting import Accounting, Attempt, RequestRecord, period_row, prompt_text, \
     with_energy
+from gateway import cascade
 from gateway.config import RESERVED_MODEL, GatewayConfig
 from gateway.errors import APIError, bad_request, server_error
 from gateway.ledger import store
 from gateway.ledger.writer import LedgerWriter
 from gateway.metrics import render_metrics
-from gateway.plan import Planner
+from gateway.plan import Planner, RoutedPlan, parse_target
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, validate
+from routers.routing_text import routing_text
+from routers.service import RouterService, load_router
 from gateway.streaming import (
     ClientGone,
     EventStreamResponse,
@@ -48,6 +51,11 @@ HEADER_ROUTE = "x-greenroute-route"
 HEADER_REQUEST_ID = "x-request-id"
 HEADER_ENERGY = "x-greenroute-energy-joules"
 HEADER_ENERGY_SOURCE = "x-greenroute-energy-source"
+HEADER_TARGET = "x-greenroute-quality-target"
+HEADER_TRIED = "x-greenroute-models-tried"
+HEADER_SCORE = "x-greenroute-router-score"
+HEADER_CONFIDENCE = "x-greenroute-confidence"
+HEADER_DEGRADED = "x-greenroute-degraded"
 # Status for a client that left before its answer (nginx's convention); never seen by the client.
 CLIENT_CLOSED_REQUEST = 499
 
@@ -56,13 +64,15 @@ class Gateway:
     """Request handling, with the state it needs: config, backends, planner, keys."""
 
     def __init__(self, config: GatewayConfig, backends: Mapping[str, Backend],
-                 fleet: Fleet | None = None, writer: LedgerWriter | None = None) -> None:
+                 fleet: Fleet | None = None, writer: LedgerWriter | None = None,
+                 router: RouterService | None = None) -> None:
         self.config = config
         self.backends = dict(backends)
         self.fleet = fleet or Fleet(())
         self.writer = writer
+        self.router = router
         self.accounting = Accounting(self.fleet, writer, config.ledger.store_text)
-        self.planner = Planner(config, self.backends)
+        self.planner = Planner(config, self.backends, routed=router is not None)
         self.max_body = config.server.max_body_bytes
         self.keys = {key.secret(): key.id for key in config.keys}
         self.created = int(time.time())
@@ -87,8 +97,8 @@ class Gateway:
         try:
             self._authorize(request)
             name = request.path_params["model"]
-            if name != RESERVED_MODEL:
-                name = self.planner.plan(name).tier
+            plan = self.planner.plan(name)
+            name = RESERVED_MODEL if isinstance(plan, RoutedPlan) else plan.tier
         except APIError as exc:
             return exc.response()
         return _json(self._model_card(name))
@@ -127,6 +137,10 @@ class Gateway:
             if record.store_text:
                 record.prompt_text = prompt_text(body)
             plan = self.planner.plan(body["model"])
+            if isinstance(plan, RoutedPlan):
+                response, streaming = await self._green(request, endpoint, body, plan, record,
+                                                        headers)
+                return response
             record.route = plan.route
             headers[HEADER_MODEL] = plan.tier
             headers[HEADER_ROUTE] = plan.route
@@ -200,6 +214,126 @@ class Gateway:
         return EventStreamResponse(sse_events(first, chunks, include_usage, observer), watcher,
                                    headers)
 
+    # -- model `green` ------------------------------------------------------------------------
+
+    async def _green(self, request: Request, endpoint: Endpoint, body: dict[str, Any],
+                     plan: RoutedPlan, record: RequestRecord, headers: dict[str, str]
+                     ) -> tuple[Response, bool]:
+        """Route a `green` request: the router plans the tiers; every tier but the last of the
+        plan is a cascade stage whose answer is kept only if the router trusts it. A tier that
+        fails hands the request on to the next (or, past the plan's end, the next larger)."""
+        assert self.router is not None
+        target = self._target(request, plan)
+        decision = await self.router.decide(routing_text(body), target)
+        record.route = "cascade" if len(decision.plan) > 1 else "routed"
+        record.quality_target = target
+        record.router_score = decision.scores[0] if decision.scores else None
+        headers[HEADER_ROUTE] = record.route
+        headers[HEADER_TARGET] = f"{target:g}"
+        headers[HEADER_SCORE] = ",".join(f"{s:.4f}" for s in decision.scores)
+        cap = self.config.router.cascade_max_tokens
+        stages = list(decision.plan)
+        fallback: tuple[dict[str, Any], Attempt, Usage | None] | None = None
+        watcher = watch_disconnect(request.receive)
+        streaming = False
+        try:
+            for position, tier in enumerate(stages):  # `stages` may grow: see the fallback
+                backend = self.backends[tier]
+                headers[HEADER_MODEL] = tier
+                headers[HEADER_TRIED] = ",".join(stages[:position + 1])
+                attempt = record.attempt(tier, backend)
+                try:
+                    if position == len(stages) - 1:  # the plan's last tier answers as asked
+                        if body.get("stream"):
+                            response = await self._stream(watcher, attempt, backend, endpoint,
+                                                          dict(body), headers, record)
+                            streaming = True
+                            return response, True
+                        with attempt.running():
+                            completion = await until_disconnect(
+                                watcher, backend.create(endpoint, dict(body)))
+                        return self._answer(completion, attempt, record, headers), False
+                    with attempt.running():
+                        completion = await until_disconnect(
+                            watcher, backend.create(endpoint, cascade.stage_body(endpoint, body,
+                                                                                 cap)))
+                except BackendError as exc:
+                    attempt.done(None)
+                    if exc.status < 500:
+                        raise  # the request itself is at fault: no other tier will do better
+                    log.warning("request %s: tier %s failed (%s); trying the next",
+                                headers[HEADER_REQUEST_ID], tier, exc.code)
+                    if position == len(stages) - 1:
+                        larger = self._next_larger(tier, stages)
+                        if larger is not None:
+                            stages.append(larger)
+                        elif fallback is not None:
+                            answer, kept, usage = fallback
+                            headers[HEADER_DEGRADED] = f"{tier} failed ({exc.code})"
+                            headers[HEADER_MODEL] = kept.tier
+                            return self._kept(endpoint, body, answer, usage, kept, record,
+                                              headers), False
+                        else:
+                            raise
+                    continue
+                attempt.done(completion.usage)
+                answer = orjson.loads(completion.body)
+                if cascade.cut_by_cap(endpoint, body, answer, cap):
+                    continue
+                keep, confidence = self.router.keep(decision, tier,
+                                                    cascade.logprob_content(endpoint, answer))
+                if confidence is not None:
+                    headers[HEADER_CONFIDENCE] = f"{confidence:.4f}"
+                if keep:
+                    return self._kept(endpoint, body, answer, completion.usage, attempt, record,
+                                      headers), False
+                fallback = (answer, attempt, completion.usage)
+            raise AssertionError("a plan always ends with a tier that answers")
+        finally:
+            if not streaming:
+                watcher.cancel()
+
+    def _kept(self, endpoint: Endpoint, body: dict[str, Any], answer: dict[str, Any],
+              usage: Usage | None, attempt: Attempt, record: RequestRecord,
+              headers: dict[str, str]) -> Response:
+        """A cascade stage's answer goes back: whole, or as the events a stream expects (the
+        stage was buffered to be judged, so it arrives at once)."""
+        answer = cascade.client_view(endpoint, body, answer)
+        if not body.get("stream"):
+            return self._answer(Completion(orjson.dumps(answer), usage), attempt, record,
+                                headers)
+        attempt.done(usage)
+        record.answered_whole()
+        record.finish(200)
+        joules = record.joules()
+        if joules is not None:
+            headers[HEADER_ENERGY] = f"{joules:.6f}"
+            headers[HEADER_ENERGY_SOURCE] = record.energy_source() or ""
+            if isinstance(answer.get("usage"), dict):
+                answer["usage"]["energy_joules"] = round(joules, 6)
+        options = body.get("stream_options")
+        include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+        headers["cache-control"] = "no-cache"
+        return Response(cascade.as_event_stream(endpoint, answer, include_usage),
+                        media_type="text/event-stream", headers=headers)
+
+    def _next_larger(self, tier: str, tried: list[str]) -> str | None:
+        assert self.router is not None
+        order = self.router.policy.tiers
+        return next((t for t in order[order.index(tier) + 1:] if t not in tried), None)
+
+    def _target(self, request: Request, plan: RoutedPlan) -> float:
+        """The request's quality target: its header, else its model name (green-0.9), else
+        the configured default, else the artifact's."""
+        header = request.headers.get(HEADER_TARGET)
+        if header is not None:
+            return parse_target(header, HEADER_TARGET)
+        return plan.target if plan.target is not None else self._default_target()
+
+    def _default_target(self) -> float:
+        assert self.router is not None
+        return self.config.router.default_target or self.router.default_target
+
     # -- request parts ------------------------------------------------------------------------
 
     def _authorize(self, request: Request) -> str | None:
@@ -234,7 +368,12 @@ class Gateway:
         card: dict[str, Any] = {"id": name, "object": "model", "created": self.created,
                                 "owned_by": "greenroute"}
         if name == RESERVED_MODEL:
-            card["greenroute"] = {"route": "router", "available": False}
+            card["greenroute"] = {"route": "router", "available": self.router is not None}
+            if self.router is not None:
+                manifest = self.router.router.manifest
+                card["greenroute"] |= {"tiers": manifest["tiers"], "kind": manifest["kind"],
+                                       "default_target": self._default_target(),
+                                       "targets": sorted(self.router.policy.thresholds)}
             return card
         tier = next(t for t in self.config.tiers if t.name == name)
         card["greenroute"] = {"backend": tier.backend, "upstream_model":
@@ -304,7 +443,8 @@ def create_app(config: GatewayConfig, backends: Mapping[str, Backend] | None = N
         if writer is not None else None
     fleet = Fleet(config.tiers, interval_s=config.energy.interval_ms / 1000,
                   period_s=config.energy.period_s, on_period=on_period)
-    gateway = Gateway(config, backends, fleet, writer)
+    router = load_router(config)
+    gateway = Gateway(config, backends, fleet, writer, router)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -320,6 +460,8 @@ def create_app(config: GatewayConfig, backends: Mapping[str, Backend] | None = N
         finally:
             for backend in gateway.backends.values():
                 await backend.aclose()
+            if router is not None:
+                router.close()
             await asyncio.to_thread(fleet.stop)  # the last readings: every row becomes final
             if writer is not None:
                 await asyncio.to_thread(writer.close)

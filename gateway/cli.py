@@ -9,6 +9,9 @@ from collections.abc import Sequence
 
 from backends import weights
 from evals import commands as eval_commands
+from routers import commands as router_commands
+from routers.artifact import ArtifactError
+from routers.encoders import EncoderError
 from gateway import agent, report
 from gateway.config import CONFIG_ENV, ConfigError, GatewayConfig, load_config
 
@@ -60,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.set_defaults(handler=_serve)
     models.set_defaults(handler=_models)
     eval_commands.add_parsers(commands)
+    router_commands.add_parsers(commands)
     report.add_parser(commands)
     agent.add_parser(commands)
 
@@ -108,6 +112,9 @@ def _serve(args: argparse.Namespace) -> int:
         app = create_app(config)
     except MeterError as exc:
         print(f"greenroute serve: energy meter: {exc}", file=sys.stderr)
+        return 1
+    except (ArtifactError, EncoderError) as exc:
+        print(f"greenroute serve: router: {exc}", file=sys.stderr)
         return 1
     uvicorn.run(app, host=server.host, port=server.port,
                 log_level=server.log_level, access_log=False, http="httptools",

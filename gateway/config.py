@@ -152,12 +152,27 @@ class LedgerConfig(_Strict):
         return self
 
 
+class RouterConfig(_Strict):
+    """Model `green` (docs/routing.md): which router artifact decides, and how."""
+
+    enabled: bool = True
+    # A `greenroute train` artifact. Default: the one shipped with GreenRoute, trained on the
+    # embedded tiers, used when every tier it names is configured.
+    path: str | None = None
+    # Quality target when a request names none (share of the largest tier's quality);
+    # default: the artifact's own (0.95 for the shipped one).
+    default_target: float | None = Field(default=None, gt=0, le=1)
+    # Longest answer a cascade stage may give before it is judged; a longer one escalates.
+    cascade_max_tokens: int = Field(default=512, ge=1)
+
+
 class GatewayConfig(_Strict):
     server: ServerConfig = ServerConfig()
     tiers: tuple[TierConfig, ...]
     keys: tuple[KeyConfig, ...] = ()
     energy: EnergyConfig = EnergyConfig()
     ledger: LedgerConfig = LedgerConfig()
+    router: RouterConfig = RouterConfig()
 
     @model_validator(mode="after")
     def _check_names(self) -> GatewayConfig:

@@ -93,9 +93,9 @@ def test_folds_keep_identical_prompts_together_and_balance_the_rest() -> None:
     prompts = [f"q{i}" for i in range(40)] + ["same"] * 5
     table = OutcomeTable(ids=[str(i) for i in range(45)], tasks=["t"] * 45, prompts=prompts,
                          models=["s", "l"], quality={"s": np.zeros(45), "l": np.ones(45)})
-    folds = group_folds(table, 5, seed=3)
+    folds = group_folds(table.prompts, 5, seed=3)
     assert sorted(np.concatenate(folds).tolist()) == list(range(45))
     holding = [i for i, f in enumerate(folds) if 40 in f]
     assert len(holding) == 1 and set(range(40, 45)) <= set(folds[holding[0]].tolist())
     assert max(map(len, folds)) - min(map(len, folds)) <= 5
-    assert [f.tolist() for f in group_folds(table, 5, seed=3)] == [f.tolist() for f in folds]
+    assert [f.tolist() for f in group_folds(table.prompts, 5, seed=3)] == [f.tolist() for f in folds]

@@ -23,8 +23,9 @@ class RequestRow(SQLModel, table=True):
     endpoint: str = Field(max_length=32)  # chat/completions, completions
     stream: bool = False
     requested_model: str | None = Field(default=None, max_length=256)
-    route: str | None = Field(default=None, max_length=32)  # direct, green, cascade
-    quality_target: float | None = None
+    route: str | None = Field(default=None, max_length=32)  # direct, routed, cascade
+    quality_target: float | None = None  # model `green`: share of the largest tier's quality
+    router_score: float | None = None  # green: P(the cheapest tier answers as well)
     answered_by: str | None = Field(default=None, index=True, max_length=128)  # tier
     upstream_model: str | None = Field(default=None, max_length=256)
     models_tried: int = 0

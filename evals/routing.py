@@ -1,0 +1,122 @@
+"""Evaluating trained routers with the harness: router kinds under cross-validation, the whole
+policy (routers, cascade, calibration) at quality targets, and saved artifacts.
+
+Kept apart from evals/evaluate.py so that the harness itself needs no router code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from evals import metrics
+from evals.evaluate import PolicyResult, group_folds
+from evals.outcomes import OutcomeTable
+from routers.artifact import Router
+from routers.models import Scheme, Target, make
+from routers.policy import simulate
+from routers.training import TierData, TrainConfig, fit_policy, policy_curve, tier_data
+
+Embed = Callable[[Sequence[str]], np.ndarray]
+
+
+class RouterKindPolicy:
+    """A router kind as a harness policy: fitted on a fold's training prompts, scoring the
+    held-out ones (prompt-only: no cascade, no calibration)."""
+
+    def __init__(self, kind: str, embed: Embed, *, scheme: Scheme = "gap",
+                 tolerance: float = 0.0, name: str | None = None) -> None:
+        self.kind, self.embed, self.scheme, self.tolerance = kind, embed, scheme, tolerance
+        self.name = name or kind
+        self.router = make(kind)
+
+    def fit(self, table: OutcomeTable, small: str, large: str) -> None:
+        self.router.fit(self.embed(table.prompts), Target(
+            table.quality[small], table.quality[large], self.tolerance, self.scheme))
+
+    def scores(self, table: OutcomeTable) -> np.ndarray:
+        return self.router.predict(self.embed(table.prompts))
+
+
+@dataclass
+class TargetResult:
+    """How a calibrated policy did at one quality target on held-out prompts."""
+
+    policy: str
+    target: float
+    quality_ratio: list[float] = field(default_factory=list)  # per fold: Q / Q_largest
+    energy_saved: list[float] = field(default_factory=list)  # per fold: 1 - E / E_largest
+    largest_share: list[float] = field(default_factory=list)
+
+    @property
+    def met(self) -> int:
+        return sum(q >= self.target - 1e-9 for q in self.quality_ratio)
+
+
+def cross_validate_policy(table: OutcomeTable, tiers: Sequence[str], embed: Embed,
+                          config: TrainConfig, *, folds: int = 5, seed: int = 0,
+                          profile: dict[str, float] | None = None, name: str | None = None
+                          ) -> tuple[PolicyResult, list[TargetResult]]:
+    """Train the whole policy (`greenroute train`) on k-1 folds; measure it on the k-th: its
+    curve over every threshold, and what its calibrated thresholds did at each target."""
+    data = tier_data(table, tiers, profile)
+    x = embed(table.prompts)
+    label = name or f"{config.kind}+{'cascade' if _has_cascade(data, config) else 'router'}"
+    result = PolicyResult(label)
+    per_target = {t: TargetResult(label, t) for t in config.targets}
+    pair = _pair(data)
+    pooled = np.zeros((3, 0))
+    for test in group_folds(table.prompts, folds, seed):
+        train = np.setdiff1d(np.arange(len(table)), test)
+        policy, _ = fit_policy(x[train], [table.prompts[i] for i in train], data.subset(train),
+                               config)
+        held = data.subset(test)
+        curve = policy_curve(policy, x[test], held)
+        result.folds.append(metrics.summarize(pair.subset(test), curve))
+        points = len(test) * np.stack([curve.share, curve.quality, curve.energy])
+        pooled = points if not pooled.size else pooled + points
+        p = policy.scores(x[test])
+        for target, row in per_target.items():
+            outcome = simulate(policy, p, held.features, held.quality, held.energy,
+                               policy.candidate_for(target))
+            row.quality_ratio.append(float(outcome.quality.mean() / held.quality[:, -1].mean()))
+            row.energy_saved.append(float(1 - outcome.energy.mean() / held.energy[:, -1].mean()))
+            row.largest_share.append(float((outcome.answered_by == len(tiers) - 1).mean()))
+    share, quality, energy = pooled / len(table)  # candidates line up across folds
+    result.curve = metrics.Curve(share=share, quality=quality, energy=energy)
+    result.whole = metrics.summarize(pair, result.curve)
+    return result, list(per_target.values())
+
+
+def evaluate_artifact(router: Router, table: OutcomeTable, embed: Embed,
+                      profile: dict[str, float] | None = None
+                      ) -> tuple[PolicyResult, list[TargetResult]]:
+    """A saved artifact on a table (no training: use prompts it was not trained on)."""
+    policy = router.policy
+    data = tier_data(table, policy.tiers, profile)
+    x = embed(table.prompts)
+    result = PolicyResult(f"artifact:{router.manifest.get('kind')}")
+    result.curve = policy_curve(policy, x, data)
+    result.whole = metrics.summarize(_pair(data), result.curve)
+    result.folds = [result.whole]
+    p = policy.scores(x)
+    rows = []
+    for target in sorted(policy.thresholds):
+        outcome = simulate(policy, p, data.features, data.quality, data.energy,
+                           policy.candidate_for(target))
+        rows.append(TargetResult(result.name, target,
+                                 [float(outcome.quality.mean() / data.quality[:, -1].mean())],
+                                 [float(1 - outcome.energy.mean() / data.energy[:, -1].mean())],
+                                 [float((outcome.answered_by == len(policy.tiers) - 1).mean())]))
+    return result, rows
+
+
+def _pair(data: TierData) -> metrics.Pair:
+    return metrics.Pair(data.quality[:, 0], data.quality[:, -1], data.energy[:, 0],
+                        data.energy[:, -1])
+
+
+def _has_cascade(data: TierData, config: TrainConfig) -> bool:
+    return config.cascade and any(f is not None for f in data.features[:-1])

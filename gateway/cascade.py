@@ -1,0 +1,102 @@
+"""The wire side of a cascade: what a stage asks its tier for, what the router judges, and how a
+kept answer goes back to a client that asked for a stream.
+
+A stage always asks for logprobs (the confidence model reads them) and for no more tokens than
+`cascade_max_tokens`; a stage whose answer hit that cap, rather than the client's own limit, is
+not judged but escalated: a cut-off answer is not an answer. Logprobs the client did not ask
+for are removed before the answer goes back.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import orjson
+
+from backends.base import Endpoint
+
+TOP_LOGPROBS = 5
+
+
+def stage_body(endpoint: Endpoint, body: dict[str, Any], cap: int) -> dict[str, Any]:
+    """The request a cascade stage sends: non-streamed, with logprobs, tokens capped."""
+    stage = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+    if endpoint is Endpoint.CHAT:
+        stage["logprobs"] = True
+        stage["top_logprobs"] = max(TOP_LOGPROBS, body.get("top_logprobs") or 0)
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        stage.pop("max_completion_tokens", None)
+        stage["max_tokens"] = min(limit, cap) if limit else cap
+    else:
+        stage["logprobs"] = max(TOP_LOGPROBS, body.get("logprobs") or 0)
+        stage["max_tokens"] = min(body.get("max_tokens") or 16, cap)
+    return stage
+
+
+def cut_by_cap(endpoint: Endpoint, body: dict[str, Any], answer: dict[str, Any],
+               cap: int) -> bool:
+    """The stage stopped at the cascade's cap, not at the client's own limit or a natural end."""
+    if answer["choices"][0].get("finish_reason") != "length":
+        return False
+    if endpoint is Endpoint.CHAT:
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    else:
+        limit = body.get("max_tokens") or 16
+    return limit is None or limit > cap
+
+
+def logprob_content(endpoint: Endpoint, answer: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The answer's token logprobs in the chat shape (token, logprob, top_logprobs)."""
+    logprobs = answer["choices"][0].get("logprobs")
+    if not isinstance(logprobs, dict):
+        return None
+    if endpoint is Endpoint.CHAT:
+        return logprobs.get("content")
+    tokens = logprobs.get("tokens") or []
+    values = logprobs.get("token_logprobs") or []
+    tops = logprobs.get("top_logprobs") or [None] * len(tokens)
+    return [{"token": t, "logprob": v if v is not None else -math.inf,
+             "top_logprobs": [{"token": a, "logprob": b} for a, b in (top or {}).items()]}
+            for t, v, top in zip(tokens, values, tops)]
+
+
+def client_view(endpoint: Endpoint, body: dict[str, Any], answer: dict[str, Any]
+                ) -> dict[str, Any]:
+    """The answer as the client asked for it: logprobs only if it asked for them."""
+    asked = bool(body.get("logprobs")) if endpoint is Endpoint.CHAT \
+        else body.get("logprobs") is not None
+    if not asked:
+        for choice in answer.get("choices", []):
+            choice["logprobs"] = None
+    return answer
+
+
+def as_event_stream(endpoint: Endpoint, answer: dict[str, Any], include_usage: bool) -> bytes:
+    """A whole answer as the server-sent events a streaming client expects: the text in one
+    chunk, then the finish reason, then (when asked for) the usage chunk, then [DONE]."""
+    choice = answer["choices"][0]
+    base = {"id": answer.get("id", ""), "created": answer.get("created", int(time.time())),
+            "model": answer.get("model", "")}
+    if endpoint is Endpoint.CHAT:
+        base["object"] = "chat.completion.chunk"
+        message = choice.get("message") or {}
+        chunks = [
+            {**base, "choices": [{"index": 0, "delta": {"role": "assistant",
+                                                         "content": message.get("content") or ""},
+                                  "logprobs": choice.get("logprobs"), "finish_reason": None}]},
+            {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                  "finish_reason": choice.get("finish_reason")}]},
+        ]
+    else:
+        base["object"] = "text_completion"
+        chunks = [
+            {**base, "choices": [{"index": 0, "text": choice.get("text") or "",
+                                  "logprobs": choice.get("logprobs"), "finish_reason": None}]},
+            {**base, "choices": [{"index": 0, "text": "", "logprobs": None,
+                                  "finish_reason": choice.get("finish_reason")}]},
+        ]
+    if include_usage and answer.get("usage"):
+        chunks.append({**base, "choices": [], "usage": answer["usage"]})
+    return b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"

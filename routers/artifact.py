@@ -1,0 +1,137 @@
+"""The router artifact: a directory holding everything `green` needs to route, versioned.
+
+    manifest.json         format and version, tiers, encoder (kind, name, fingerprint, dims),
+                          router kind, label scheme, thresholds per quality target, the
+                          training data's sha256 and size, validation metrics
+    encoder/              a static encoder's files, when the artifact carries its own
+    step-<tier>.npz       per tier but the largest: router, confidence model, keep table
+
+Loading checks the format version and that the encoder found has the fingerprint the routers
+were trained with: a router scoring embeddings from another encoder would route at random,
+silently, so that is refused with an error that says which encoder was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from routers.confidence import ConfidenceModel
+from routers.encoders import Encoder, EncoderError, StaticEncoder, load_encoder
+from routers.models import from_state
+from routers.policy import CANDIDATES, RoutingPolicy, Step
+
+FORMAT = "greenroute-router"
+VERSION = 1
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be used: missing, another format or version, wrong encoder."""
+
+
+@dataclass
+class Router:
+    """A loaded artifact: the encoder, the policy and the manifest they came with."""
+
+    encoder: Encoder
+    policy: RoutingPolicy
+    manifest: dict[str, Any]
+    path: Path
+
+    @property
+    def default_target(self) -> float:
+        return float(self.manifest.get("default_target", 0.95))
+
+
+def save(path: str | Path, policy: RoutingPolicy, encoder: Encoder,
+         manifest: dict[str, Any]) -> Path:
+    """Write an artifact directory (replacing one that is there)."""
+    path = Path(path)
+    staging = path.with_name(path.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    encoder_spec: dict[str, Any] = {"kind": encoder.kind, "name": encoder.name,
+                                    "fingerprint": encoder.fingerprint, "dim": encoder.dim}
+    if isinstance(encoder, StaticEncoder):
+        shutil.copytree(encoder.directory, staging / "encoder")
+        encoder_spec["path"] = "encoder"
+    steps = []
+    for step in policy.steps:
+        arrays = {f"router.{k}": v for k, v in step.router.state().items()}
+        if step.confidence is not None:
+            arrays |= {f"confidence.{k}": v for k, v in step.confidence.state().items()}
+        if step.keep_edges is not None and step.keep_rates is not None:
+            arrays |= {"keep.edges": step.keep_edges, "keep.rates": step.keep_rates}
+        file = f"step-{step.tier}.npz"
+        np.savez_compressed(staging / file, **arrays)
+        steps.append({"tier": step.tier, "file": file, "cascade": step.confidence is not None})
+    full = {
+        "format": FORMAT, "version": VERSION, **manifest, "tiers": policy.tiers,
+        "encoder": encoder_spec, "steps": steps, "energy_per_prompt": policy.energy.tolist(),
+        "thresholds": {f"{t:.2f}": (None if c is None else {"candidate": c,
+                                                            "threshold": float(CANDIDATES[c])})
+                       for t, c in sorted(policy.thresholds.items())},
+    }
+    (staging / "manifest.json").write_text(json.dumps(full, indent=2) + "\n")
+    shutil.rmtree(path, ignore_errors=True)
+    staging.rename(path)
+    return path
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: no router artifact here (manifest.json missing)") from None
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}/manifest.json is not JSON: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: not a GreenRoute router artifact "
+                            f"(format {manifest.get('format')!r})")
+    if manifest.get("version") != VERSION:
+        raise ArtifactError(f"{path}: artifact version {manifest.get('version')!r}; this "
+                            f"GreenRoute reads version {VERSION}. Retrain it with "
+                            "`greenroute train`.")
+    return manifest
+
+
+def load(path: str | Path, encoder: Encoder | None = None) -> Router:
+    """Load an artifact; `encoder` overrides the one it names, and must be the same one."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    spec = manifest["encoder"]
+    if encoder is None:
+        try:
+            encoder = load_encoder(spec, base=path)
+        except EncoderError as exc:
+            raise ArtifactError(f"{path}: cannot load its encoder {spec.get('name')!r}: {exc}") \
+                from None
+    if encoder.fingerprint != spec["fingerprint"]:
+        raise ArtifactError(
+            f"{path} was trained with encoder {spec.get('name')!r} (fingerprint "
+            f"{spec['fingerprint']}), but the encoder given is {encoder.name!r} (fingerprint "
+            f"{encoder.fingerprint}): its routers would score these embeddings at random. "
+            "Use the encoder it was trained with, or retrain.")
+    steps = []
+    for entry in manifest["steps"]:
+        with np.load(path / entry["file"]) as stored:
+            arrays = dict(stored)
+        part = lambda prefix: {k.split(".", 1)[1]: v for k, v in arrays.items()  # noqa: E731
+                               if k.startswith(prefix + ".")}
+        step = Step(tier=entry["tier"], router=from_state(manifest["kind"], part("router")))
+        if entry.get("cascade"):
+            step.confidence = ConfidenceModel.from_state(part("confidence"))
+            step.keep_edges, step.keep_rates = arrays["keep.edges"], arrays["keep.rates"]
+        steps.append(step)
+    thresholds = {float(t): (None if v is None else int(v["candidate"]))
+                  for t, v in manifest["thresholds"].items()}
+    policy = RoutingPolicy(tiers=list(manifest["tiers"]), steps=steps,
+                           energy=np.asarray(manifest["energy_per_prompt"], dtype=float),
+                           thresholds=thresholds)
+    return Router(encoder=encoder, policy=policy, manifest=manifest, path=path)

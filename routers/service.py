@@ -1,0 +1,161 @@
+"""Live routing decisions for model `green`: encode the routing text, score it, plan the tiers.
+
+A static encoder decides in a fraction of a millisecond, so it runs inline on the event loop.
+A heavy one (sentence-transformers on torch, ~15 ms) runs on a worker thread, and requests that
+arrive while it is busy are encoded together in one batch: under load the cost per decision
+falls instead of queueing up behind the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from routers import artifact
+from routers.artifact import ArtifactError, Router
+from routers.encoders import StaticEncoder
+from routers.features import FEATURES, logprob_features
+from routers.policy import CANDIDATES
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
+
+log = logging.getLogger("greenroute.router")
+MAX_BATCH = 64
+# Trained on the embedded tiers' outcomes (evals/outcomes/embedded.jsonl), shipped in the package.
+DEFAULT_ARTIFACT = Path(__file__).resolve().parent / "default"
+
+
+def load_router(config: GatewayConfig) -> RouterService | None:
+    """The router for model `green`: the configured artifact (an error if it cannot serve these
+    tiers), else the shipped one when every tier it routes between is configured, else none."""
+    settings = config.router
+    if not settings.enabled:
+        return None
+    configured = {tier.name for tier in config.tiers}
+    if settings.path:
+        router = artifact.load(settings.path)
+        missing = [t for t in router.policy.tiers if t not in configured]
+        if missing:
+            raise ArtifactError(f"router {settings.path} routes between "
+                                f"{', '.join(router.policy.tiers)}, but {', '.join(missing)} "
+                                "is not a configured tier")
+        return RouterService(router)
+    if not (DEFAULT_ARTIFACT / "manifest.json").exists():
+        return None
+    tiers = artifact.read_manifest(DEFAULT_ARTIFACT)["tiers"]
+    if not set(tiers) <= configured:
+        log.info("model green: the shipped router routes between %s, which are not all "
+                 "configured; set [router] path to a router trained for these tiers",
+                 ", ".join(tiers))
+        return None
+    return RouterService(artifact.load(DEFAULT_ARTIFACT))
+
+
+@dataclass(frozen=True)
+class Decision:
+    target: float
+    candidate: int | None  # the calibrated threshold's index; None: everything to the largest
+    scores: tuple[float, ...]  # router score per step (tier but the largest)
+    plan: tuple[str, ...]  # tiers to try in order; all but the last are cascade stages
+    seconds: float  # time taken to decide
+
+
+class RouterService:
+    """Decisions from one loaded artifact."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.policy = router.policy
+        self.inline = isinstance(router.encoder, StaticEncoder)
+        self._queue: queue.Queue[tuple[str, asyncio.Future[np.ndarray],
+                                       asyncio.AbstractEventLoop] | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        if not self.inline:
+            self._worker = threading.Thread(target=self._encode_batches, name="router-encoder",
+                                            daemon=True)
+            self._worker.start()
+
+    @property
+    def default_target(self) -> float:
+        return self.router.default_target
+
+    async def decide(self, text: str, target: float) -> Decision:
+        started = time.perf_counter()
+        if self.inline:
+            x = self.router.encoder.encode([text])
+        else:
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[np.ndarray] = loop.create_future()
+            self._queue.put((text, future, loop))
+            x = (await future)[None, :]
+        return self.decision(x, target, started)
+
+    def decision(self, x: np.ndarray, target: float, started: float) -> Decision:
+        policy = self.policy
+        p = policy.scores(x)
+        candidate = policy.candidate_for(target)
+        tried = policy.plans(p, candidate)[0]
+        plan = tuple(tier for tier, used in zip(policy.tiers, tried) if used)
+        return Decision(target=target, candidate=candidate,
+                        scores=tuple(float(s) for s in p[0]), plan=plan,
+                        seconds=time.perf_counter() - started)
+
+    def keep(self, decision: Decision, tier: str, logprobs: list[dict[str, Any]] | None
+             ) -> tuple[bool, float | None]:
+        """Whether a cascade stage's answer is kept, and its confidence. An answer without
+        logprobs cannot be judged, so it is not kept."""
+        j = self.policy.tiers.index(tier)
+        step = self.policy.steps[j]
+        if step.confidence is None:
+            return True, None
+        features = logprob_features(logprobs or [])
+        if features is None or decision.candidate is None:
+            return False, None
+        row = np.array([[features[name] for name in FEATURES]])
+        confidence = float(step.confidence.predict(row, np.array([decision.scores[j]]))[0])
+        return confidence >= CANDIDATES[decision.candidate], confidence
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join(timeout=5)
+
+    def _encode_batches(self) -> None:
+        while (item := self._queue.get()) is not None:
+            batch = [item]
+            while len(batch) < MAX_BATCH:
+                try:
+                    extra = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if extra is None:
+                    self._queue.put(None)
+                    break
+                batch.append(extra)
+            try:
+                rows = self.router.encoder.encode([text for text, _, _ in batch])
+            except Exception as exc:  # every waiting request gets the error
+                for _, future, loop in batch:
+                    loop.call_soon_threadsafe(_fail, future, exc)
+                continue
+            for (_, future, loop), row in zip(batch, rows):
+                loop.call_soon_threadsafe(_resolve, future, row)
+
+
+def _resolve(future: asyncio.Future[np.ndarray], row: np.ndarray) -> None:
+    if not future.done():
+        future.set_result(row)
+
+
+def _fail(future: asyncio.Future[np.ndarray], exc: Exception) -> None:
+    if not future.done():
+        future.set_exception(exc)

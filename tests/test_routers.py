@@ -1,0 +1,199 @@
+"""Router models, calibration, the cascade policy and the artifact, on synthetic outcomes whose
+ground truth is known."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from routers import artifact
+from routers.artifact import ArtifactError
+from routers.calibration import betting_lower_bound, choose
+from routers.confidence import ConfidenceModel
+from routers.encoders import StaticEncoder
+from routers.features import FEATURES, logprob_features
+from routers.models import KINDS, Target, make
+from routers.policy import CANDIDATES, RoutingPolicy, Step, simulate
+from routers.training import TierData, TrainConfig, fit_policy
+from tests.routing_fixtures import WORDS, static_encoder
+
+def _planted(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Embeddings where one direction decides whether the small tier is right (a planted
+    signal), with outcomes drawn from known probabilities."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 24))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    p_small = 1 / (1 + np.exp(-8 * x[:, 0]))  # the signal: coordinate 0
+    small = (rng.random(n) < p_small).astype(float)
+    large = (rng.random(n) < 0.9).astype(float)
+    return x, small, large, p_small
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_router_kind_finds_a_planted_signal(kind: str) -> None:
+    x, small, large, p_small = _planted(1500, seed=1)
+    router = make(kind)
+    router.fit(x[:1000], Target(small[:1000], large[:1000]))
+    scores = router.predict(x[1000:])
+    assert scores.shape == (500,) and np.all((0 <= scores) & (scores <= 1))
+    # Ranked by score, the prompts the router trusts most must be the ones the small tier
+    # really gets right most often.
+    order = np.argsort(scores)
+    assert p_small[1000:][order[-100:]].mean() > p_small[1000:][order[:100]].mean() + 0.5
+    restored = type(router).from_state(router.state())
+    np.testing.assert_allclose(restored.predict(x[1000:]), scores, atol=1e-3)
+
+
+def test_labels_follow_the_quality_gap() -> None:
+    target = Target(np.array([1.0, 0, 1, 0, 0.5]), np.array([1.0, 1, 0, 0, 1]))
+    np.testing.assert_allclose(target.labels(), [0.5, 0.0, 1.0, 0.5, 0.25])
+    np.testing.assert_allclose(Target(target.quality_small, target.quality_large,
+                                      scheme="only-large").labels(), [1, 0, 1, 1, 0])
+
+
+def test_betting_bound_is_valid_and_tight() -> None:
+    rng = np.random.default_rng(0)
+    misses = 0
+    for trial in range(200):  # a mean of 0.1 on [-1, 1], 400 draws
+        values = rng.choice([-1.0, 0.0, 1.0], size=400, p=[0.15, 0.6, 0.25])
+        bound = betting_lower_bound(values, -1, 1, delta=0.1, seed=trial)
+        misses += bound > 0.1
+        assert bound < values.mean()
+    assert misses <= 0.1 * 200  # holds with the stated confidence
+    values = rng.choice([-1.0, 0.0, 1.0], size=2000, p=[0.15, 0.6, 0.25])
+    # Not vacuous: within about sqrt(2 var ln(1/delta) / n) (0.03 here) of the sample mean.
+    assert 0 < values.mean() - betting_lower_bound(values, -1, 1, delta=0.1) < 0.04
+
+
+def test_calibrated_thresholds_meet_their_target_on_new_traffic() -> None:
+    """Synthetic world: the small tier is right with probability p(x), the large one with 0.9,
+    independently. Calibrate on 800 prompts; check the expected quality of the chosen threshold
+    on the whole population (known exactly from the probabilities)."""
+    failures = 0
+    for trial in range(20):
+        x, small, large, p_small = _planted(800, seed=100 + trial)
+        scores = p_small + np.random.default_rng(trial).normal(0, 0.05, 800)  # a good router
+        candidates = np.linspace(1.0, 0.0, 101)  # conservative first
+        quality = [np.where(scores >= c, small, large) for c in candidates]
+        energy = [np.where(scores >= c, 1.0, 5.0) for c in candidates]
+        choice = choose(quality, energy, large, np.full(800, 5.0), target=0.95, delta=0.1)
+        assert choice.index is not None and choice.energy_ratio < 0.9  # it saves energy
+        xs, _, _, ps = _planted(200_000, seed=999)
+        routed = ps + np.random.default_rng(1).normal(0, 0.05, len(ps)) >= candidates[choice.index]
+        expected_quality = np.where(routed, ps, 0.9).mean()
+        failures += expected_quality < 0.95 * 0.9
+    assert failures <= 4  # delta = 0.1 allows 2 of 20 on average
+
+
+def test_cascade_keeps_confident_answers_and_skips_hopeless_small_calls() -> None:
+    """Two tiers; the small tier's answer confidence tells right from wrong. The policy should
+    keep confident small answers, escalate the rest, and not call the small tier at all for
+    prompts its router says it will fail."""
+    rng = np.random.default_rng(3)
+    n = 3000
+    x, small, large, p_small = _planted(n, seed=5)
+    features = np.zeros((n, len(FEATURES)))
+    features[:, 2] = np.where(small == 1, -0.1, -1.5) + rng.normal(0, 0.3, n)  # lp_first
+    data = TierData(["small", "large"], np.column_stack([small, large]),
+                    np.column_stack([np.full(n, 1.0), np.full(n, 4.0)]), [features, None],
+                    {"small": "test", "large": "test"})
+    prompts = [f"prompt {i}" for i in range(n)]
+    policy, calibrated = fit_policy(x, prompts, data, TrainConfig(kind="logistic",
+                                                                  targets=(0.9, 0.95)))
+    assert policy.steps[0].confidence is not None
+    for target in (0.9, 0.95):
+        assert calibrated.choices[target].index is not None
+        assert calibrated.choices[target].quality_ratio >= target
+    held = calibrated.held
+    p = policy.scores(x[held])
+    outcome = simulate(policy, p, [features[held], None], data.quality[held], data.energy[held],
+                       policy.candidate_for(0.95))
+    plans = policy.plans(p, policy.candidate_for(0.95))
+    skipped = ~plans[:, 0]
+    assert 0 < skipped.mean() < 1  # some prompts skip the small call, not all
+    assert p[skipped, 0].max() < p[~skipped, 0].max()  # the ones the router distrusts
+    assert outcome.energy.mean() < 4.0  # cheaper than everything to the large tier
+    kept = outcome.answered_by == 0
+    assert small[held][kept].mean() > small[held].mean() + 0.25  # kept answers: mostly right
+
+
+def test_three_tiers_route_without_special_cases() -> None:
+    n = 2000
+    x, small, large, _ = _planted(n, seed=8)
+    tiny = (np.random.default_rng(1).random(n) < 0.3 * (x[:, 1] > 0)).astype(float)
+    data = TierData(["tiny", "small", "large"], np.column_stack([tiny, small, large]),
+                    np.column_stack([np.full(n, 0.3), np.full(n, 1.0), np.full(n, 4.0)]),
+                    [None, None, None], {})
+    policy, calibrated = fit_policy(x, [f"p{i}" for i in range(n)], data,
+                                    TrainConfig(kind="logistic", targets=(0.9,)))
+    assert len(policy.steps) == 2
+    outcome = simulate(policy, policy.scores(x), data.features, data.quality, data.energy,
+                       policy.candidate_for(0.9))
+    assert set(np.unique(outcome.answered_by)) >= {1, 2}
+    assert calibrated.choices[0.9].quality_ratio >= 0.9
+
+
+def _trained(tmp_path: Path) -> tuple[RoutingPolicy, StaticEncoder]:
+    encoder = static_encoder(tmp_path / "enc")
+    rng = np.random.default_rng(0)
+    prompts = [" ".join(rng.choice(WORDS, 6)) for _ in range(600)]
+    x = encoder.encode(prompts)
+    small = (x[:, 0] > 0).astype(float)
+    features = rng.normal(size=(600, len(FEATURES)))
+    data = TierData(["small", "large"], np.column_stack([small, np.ones(600)]),
+                    np.column_stack([np.ones(600), np.full(600, 3.0)]), [features, None], {})
+    policy, _ = fit_policy(x, prompts, data, TrainConfig(kind="knn", targets=(0.8, 0.95)))
+    return policy, encoder
+
+
+def test_artifact_round_trips(tmp_path: Path) -> None:
+    policy, encoder = _trained(tmp_path)
+    path = artifact.save(tmp_path / "router", policy, encoder, {"kind": "knn"})
+    router = artifact.load(path)
+    texts = ["w1 w2 w3", "w40 w41", "w7 w7 w9 w50"]
+    x = encoder.encode(texts)
+    np.testing.assert_allclose(router.policy.scores(router.encoder.encode(texts)),
+                               policy.scores(x), atol=1e-3)
+    assert router.policy.thresholds == policy.thresholds
+    assert router.encoder.fingerprint == encoder.fingerprint
+    for candidate in (None, *set(policy.thresholds.values())):
+        np.testing.assert_array_equal(router.policy.plans(policy.scores(x), candidate),
+                                      policy.plans(policy.scores(x), candidate))
+
+
+def test_artifact_for_another_encoder_or_version_is_refused(tmp_path: Path) -> None:
+    policy, encoder = _trained(tmp_path)
+    path = artifact.save(tmp_path / "router", policy, encoder, {"kind": "knn"})
+    other = static_encoder(tmp_path / "other", seed=1)
+    with pytest.raises(ArtifactError, match="trained with encoder .*fingerprint"):
+        artifact.load(path, encoder=other)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["version"] = 99
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="version 99"):
+        artifact.load(path)
+    with pytest.raises(ArtifactError, match="no router artifact"):
+        artifact.load(tmp_path / "nothing")
+
+
+def test_logprob_features_of_a_real_answer_shape() -> None:
+    content = [{"token": "B", "logprob": -0.2, "top_logprobs": [
+        {"token": "B", "logprob": -0.2}, {"token": "A", "logprob": -1.9}]},
+        {"token": ".", "logprob": -0.05, "top_logprobs": []}]
+    features = logprob_features(content)
+    assert features is not None
+    assert features["lp_first"] == -0.2 and features["lp_min"] == -0.2
+    assert features["lp_mean"] == pytest.approx(-0.125)
+    assert features["entropy_first"] > 0
+    assert logprob_features([]) is None
+    model = ConfidenceModel()
+    rows = np.random.default_rng(0).normal(size=(200, len(FEATURES)))
+    right = (rows[:, 0] > 0).astype(float)
+    model.fit(rows, np.full(200, 0.5), Target(right, np.ones(200)))
+    assert model.predict(rows[:1] * 0 + 3, np.array([0.5]))[0] > model.predict(
+        rows[:1] * 0 - 3, np.array([0.5]))[0]
+    assert CANDIDATES[0] == np.inf and CANDIDATES[-1] == 0.0
+    assert Step("s", make("logistic")).keep_rate(3, np.array([0.5]))[0] == 0.0
