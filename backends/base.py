@@ -36,7 +36,8 @@ class Usage:
         if not isinstance(usage, dict):
             return None
         try:
-            return cls(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+            return cls(int(usage.get("prompt_tokens") or 0),
+                       int(usage.get("completion_tokens") or 0))
         except (TypeError, ValueError):
             return None
 

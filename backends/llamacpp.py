@@ -26,7 +26,15 @@ from typing import Any
 import numpy as np
 import orjson
 
-from backends.base import BackendUnavailable, BadGateway, Chunk, Completion, Endpoint, InvalidRequest, Usage
+from backends.base import (
+    BackendUnavailable,
+    BadGateway,
+    Chunk,
+    Completion,
+    Endpoint,
+    InvalidRequest,
+    Usage,
+)
 from backends.energy.progress import Progress, current_track
 
 
@@ -154,7 +162,8 @@ class LlamaCppBackend:
         if endpoint is Endpoint.CHAT:
             return self._llm.create_chat_completion(
                 **kwargs, logits_processor=generation.logits_processors())
-        return self._llm.create_completion(**kwargs, logits_processor=generation.logits_processors())
+        return self._llm.create_completion(**kwargs,
+                                           logits_processor=generation.logits_processors())
 
     def _run(self, endpoint: Endpoint, kwargs: dict[str, Any], generation: _Generation) -> dict:
         self._active = generation

@@ -174,7 +174,8 @@ def _parse_chunk(name: str, payload: bytes) -> Chunk:
     if "error" in data:
         raise _error_from_body(name, 502, data)
     usage = Usage.from_openai(data.get("usage"))
-    return Chunk(data=payload, usage=usage, usage_only=usage is not None and not data.get("choices"))
+    return Chunk(data=payload, usage=usage,
+                 usage_only=usage is not None and not data.get("choices"))
 
 
 def _upstream_error(name: str, status: int, content: bytes) -> BackendError:

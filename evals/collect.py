@@ -23,7 +23,6 @@ from typing import Any
 import orjson
 
 from backends.base import Backend, Endpoint
-from backends.energy.estimate import CpuTimeEstimateMeter
 from backends.energy.meter import Meter
 from backends.registry import build_backend
 from evals import graders

@@ -17,6 +17,8 @@ from evals.metrics import DEFAULT_TARGET
 from evals.outcomes import OutcomeError, import_table, load_table, table_models
 from evals.policies import BUILTIN, ScoresFilePolicy
 from evals.routing import Embed, RouterKindPolicy, cross_validate_policy, evaluate_artifact
+from evals.tasks import KINDS, TASKS, Item, TaskError, load_file, load_task, sample
+from gateway.config import CONFIG_ENV, ConfigError, GatewayConfig, TierConfig, load_config
 from routers import artifact
 from routers import commands as router_commands
 from routers.artifact import ArtifactError
@@ -24,8 +26,6 @@ from routers.encoders import EncoderError
 from routers.models import KINDS as ROUTER_KINDS
 from routers.models import KNNRouter
 from routers.training import TrainConfig
-from evals.tasks import KINDS, TASKS, Item, TaskError, load_file, load_task, sample
-from gateway.config import CONFIG_ENV, ConfigError, GatewayConfig, TierConfig, load_config
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -118,7 +118,8 @@ def import_table(source: str | Path, destination: str | Path, *, prompt_field: s
     """Turn a JSONL or CSV table with one correctness column per model into an outcome table.
 
     `prompt_field` may name several fields, comma-separated ("question,choices"): they are
-    joined by newlines. `model_fields` maps the model names to use here onto the source's fields; values may be
+    joined by newlines. `model_fields` maps the model names to use here onto the source's
+    fields; values may be
     JSON booleans, "True"/"False" strings (RouteLLM's CSVs), 0/1, or scores in [0, 1].
     """
     source = Path(source)

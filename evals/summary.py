@@ -98,10 +98,11 @@ def markdown(evaluation: Evaluation, plots: list[str]) -> str:
 
 def _context(evaluation: Evaluation) -> str:
     ref = evaluation.reference
-    s, l = evaluation.small, evaluation.large
+    s, large = evaluation.small, evaluation.large
     return (f"{evaluation.prompts} prompts; small = {s} (quality {ref[f'quality_{s}']:.3f}, "
-            f"{ref[f'joules_{s}']:.4g} J/prompt), large = {l} (quality {ref[f'quality_{l}']:.3f}, "
-            f"{ref[f'joules_{l}']:.4g} J/prompt); only large right {ref['only_large_right']}, "
+            f"{ref[f'joules_{s}']:.4g} J/prompt), large = {large} (quality "
+            f"{ref[f'quality_{large}']:.3f}, {ref[f'joules_{large}']:.4g} J/prompt); "
+            f"only large right {ref['only_large_right']}, "
             f"only small right {ref['only_small_right']}; energy: "
             + ", ".join(f"{m} {src}" for m, src in evaluation.energy_source.items()))
 

@@ -1,4 +1,5 @@
-"""Question sets with gold answers: the shared datasets' formats, and any JSONL/CSV by field mapping.
+"""Question sets with gold answers: the shared datasets' formats, and any JSONL/CSV by field
+mapping.
 
 Every dataset becomes a list of `Item`s of one answer kind, which decides both the prompt
 (evals/prompts.py) and the grader (evals/graders.py):

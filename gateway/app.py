@@ -24,9 +24,15 @@ from starlette.routing import Route
 from backends.base import Backend, BackendError, Chunk, Completion, Endpoint, Usage
 from backends.energy.sampler import Fleet
 from backends.registry import build_backend
-from gateway.accounting import Accounting, Attempt, RequestRecord, period_row, prompt_text, \
-    with_energy
 from gateway import cascade
+from gateway.accounting import (
+    Accounting,
+    Attempt,
+    RequestRecord,
+    period_row,
+    prompt_text,
+    with_energy,
+)
 from gateway.config import RESERVED_MODEL, GatewayConfig
 from gateway.errors import APIError, bad_request, server_error
 from gateway.ledger import store
@@ -34,8 +40,6 @@ from gateway.ledger.writer import LedgerWriter
 from gateway.metrics import render_metrics
 from gateway.plan import Planner, RoutedPlan, parse_target
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, validate
-from routers.routing_text import routing_text
-from routers.service import RouterService, load_router
 from gateway.streaming import (
     ClientGone,
     EventStreamResponse,
@@ -43,6 +47,8 @@ from gateway.streaming import (
     until_disconnect,
     watch_disconnect,
 )
+from routers.routing_text import routing_text
+from routers.service import RouterService, load_router
 
 log = logging.getLogger("greenroute.gateway")
 

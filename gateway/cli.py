@@ -9,11 +9,11 @@ from collections.abc import Sequence
 
 from backends import weights
 from evals import commands as eval_commands
+from gateway import agent, report
+from gateway.config import CONFIG_ENV, ConfigError, GatewayConfig, load_config
 from routers import commands as router_commands
 from routers.artifact import ArtifactError
 from routers.encoders import EncoderError
-from gateway import agent, report
-from gateway.config import CONFIG_ENV, ConfigError, GatewayConfig, load_config
 
 SERVE_EPILOG = f"""\
 configuration:

@@ -113,7 +113,8 @@ class KeyConfig(_Strict):
     def secret(self) -> str:
         value = os.environ.get(self.key_env, "") if self.key_env else (self.key or "")
         if not value:
-            raise ConfigError(f"key {self.id!r} has no secret (set key, or the env var {self.key_env})")
+            raise ConfigError(f"key {self.id!r} has no secret (set key, or the env var "
+                              f"{self.key_env})")
         return value
 
 

@@ -10,8 +10,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from evals import metrics
 from evals.energy import parse_profile
 from evals.outcomes import OutcomeError, load_table, table_models

@@ -79,7 +79,9 @@ class SentenceTransformerEncoder:
         self.name = name
         self.batch_size = batch_size
         self.model = SentenceTransformer(resolve_model_path(name), device="cpu")
-        self.dim = int(self.model.get_sentence_embedding_dimension() or 0)
+        dimension = getattr(self.model, "get_embedding_dimension", None) or \
+            self.model.get_sentence_embedding_dimension  # the older name
+        self.dim = int(dimension() or 0)
         digest = hashlib.sha256()
         for key, tensor in sorted(self.model.state_dict().items()):
             digest.update(key.encode())

@@ -85,9 +85,11 @@ def test_import_refuses_values_that_are_not_outcomes(tmp_path: Path) -> None:
 def test_appended_lines_merge_and_a_truncated_last_line_is_skipped(tmp_path: Path) -> None:
     path = tmp_path / "o.jsonl"
     writer = OutcomeWriter(path)
-    writer.append({"id": "t:1", "task": "t", "prompt": "line\u2028break", "models": {"a": {"quality": 1}}})
+    writer.append({"id": "t:1", "task": "t", "prompt": "line\u2028break",
+                   "models": {"a": {"quality": 1}}})
     writer.append({"id": "t:2", "task": "t", "prompt": "p", "models": {"a": {"quality": 0}}})
-    writer.append({"id": "t:1", "task": "t", "prompt": "line\u2028break", "models": {"b": {"quality": 0}}})
+    writer.append({"id": "t:1", "task": "t", "prompt": "line\u2028break",
+                   "models": {"b": {"quality": 0}}})
     writer.close()
     with path.open("a") as f:
         f.write('{"v": 1, "id": "t:3", "mod')  # killed mid-write

@@ -98,4 +98,5 @@ def test_folds_keep_identical_prompts_together_and_balance_the_rest() -> None:
     holding = [i for i, f in enumerate(folds) if 40 in f]
     assert len(holding) == 1 and set(range(40, 45)) <= set(folds[holding[0]].tolist())
     assert max(map(len, folds)) - min(map(len, folds)) <= 5
-    assert [f.tolist() for f in group_folds(table.prompts, 5, seed=3)] == [f.tolist() for f in folds]
+    again = group_folds(table.prompts, 5, seed=3)
+    assert [f.tolist() for f in again] == [f.tolist() for f in folds]

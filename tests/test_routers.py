@@ -20,6 +20,7 @@ from routers.policy import CANDIDATES, RoutingPolicy, Step, simulate
 from routers.training import TierData, TrainConfig, fit_policy
 from tests.routing_fixtures import WORDS, static_encoder
 
+
 def _planted(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Embeddings where one direction decides whether the small tier is right (a planted
     signal), with outcomes drawn from known probabilities."""
