@@ -14,7 +14,14 @@ from evals import plots, summary
 from evals.energy import parse_profile
 from evals.evaluate import evaluate
 from evals.metrics import DEFAULT_TARGET
-from evals.outcomes import OutcomeError, import_table, load_table, table_models
+from evals.outcomes import (
+    OutcomeError,
+    import_table,
+    load_table,
+    read_rows,
+    regrade,
+    table_models,
+)
 from evals.policies import BUILTIN, ScoresFilePolicy
 from evals.routing import Embed, RouterKindPolicy, cross_validate_policy, evaluate_artifact
 from evals.tasks import KINDS, TASKS, Item, TaskError, load_file, load_task, sample
@@ -262,6 +269,26 @@ def _add_outcomes(commands: argparse._SubParsersAction) -> None:  # type: ignore
     imp.add_argument("--task-field", help="field naming each prompt's task or subject")
     imp.add_argument("--task", help="task name for every row (default: the file's stem)")
     imp.set_defaults(handler=_import)
+    again = sub.add_parser(
+        "regrade", help="grade a collected table's stored answers again with today's graders",
+        description="Re-apply the graders to every rule-graded answer stored in an outcome "
+                    "table (after a grader fix), in place; the questions are reloaded by id.")
+    again.add_argument("path", help="outcome table")
+    again.add_argument("--data-dir", metavar="DIR", help="where the task files are")
+    again.set_defaults(handler=_regrade)
+
+
+def _regrade(args: argparse.Namespace) -> int:
+    try:
+        tasks = {row.get("task") for row in read_rows(args.path).values()}
+        items = {item.id: item for task in sorted(t for t in tasks if t in TASKS)
+                 for item in load_task(task, args.data_dir)}
+        changed = regrade(args.path, items)
+    except (OutcomeError, TaskError, OSError) as exc:
+        print(f"greenroute outcomes regrade: {exc}", file=sys.stderr)
+        return 2
+    print(f"{changed} result(s) graded differently; {args.path} rewritten")
+    return 0
 
 
 def _import(args: argparse.Namespace) -> int:

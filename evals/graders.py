@@ -39,7 +39,7 @@ def grade(item: Item, output: str) -> Grade:
         return Grade(float(answer is not None and answer == item.gold[0]), answer)
     if item.kind == "short":
         answer = _first_line(output)
-        return Grade(float(matches_alias(answer, item.gold)), answer or None)
+        return Grade(float(matches_alias(answer, item.gold, item.question)), answer or None)
     raise ValueError("open-ended items are graded by a judge, not by rules")
 
 
@@ -164,16 +164,26 @@ def _first_line(output: str) -> str:
                   flags=re.IGNORECASE).strip()
 
 
-def matches_alias(answer: str, aliases: tuple[str, ...]) -> bool:
-    """True when the answer is an alias, or names one as a whole phrase ("It is Paris.")."""
-    answer = _normalize(answer)
+def matches_alias(answer: str, aliases: tuple[str, ...], question: str = "") -> bool:
+    """True when the answer is an alias, or names one as a whole phrase ("It is Paris."),
+    unless the question itself holds that phrase: a small model that restates the question
+    ("The ancient counting frame is ...") has not answered it."""
+    answer, question = _normalize(answer), _normalize(question)
     if not answer:
         return False
     for alias in aliases:
         alias = _normalize(alias)
-        if alias and (answer == alias or re.search(rf"(?<!\w){re.escape(alias)}(?!\w)", answer)):
+        if not alias:
+            continue
+        if answer == alias:
+            return True
+        if _has_phrase(answer, alias) and not _has_phrase(question, alias):
             return True
     return False
+
+
+def _has_phrase(text: str, phrase: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", text) is not None
 
 
 # -- LLM judge for open-ended answers ---------------------------------------------------------

@@ -110,6 +110,28 @@ def prompt_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def regrade(path: str | Path, items: Mapping[str, Any]) -> int:
+    """Grade the stored outputs again with today's graders (rule-graded kinds only), and
+    rewrite the table; return how many results changed. `items` maps ids to evals.tasks.Item."""
+    from evals.graders import grade
+
+    rows = read_rows(path)
+    changed = 0
+    for row_id, row in rows.items():
+        item = items.get(row_id)
+        if item is None or item.kind == "open":
+            continue
+        for result in row["models"].values():
+            if result.get("error") or result.get("graded_by") != "rule":
+                continue
+            new = grade(item, result.get("output") or "")
+            if (new.quality, new.answer) != (result.get("quality"), result.get("answer")):
+                result.update(quality=new.quality, answer=new.answer)
+                changed += 1
+    write_rows(path, rows.values())
+    return changed
+
+
 # -- importing external tables ----------------------------------------------------------------
 
 def import_table(source: str | Path, destination: str | Path, *, prompt_field: str,

@@ -9,7 +9,7 @@ scikit-learn:
   mlp       one hidden layer, trained with Adam and early stopping
   mf        matrix factorisation in RouteLLM's style: a model vector and a projected prompt
             vector score each model's chance of being right; the pair's label follows from both
-  ensemble  the mean of knn and logistic
+  ensemble  the mean of two kNN votes (two labels) and logistic
 
 Labels follow Hybrid LLM's idea (Ding et al., 2024): what matters is the quality gap between
 the tiers, not whether the small one was right. The target is the smaller tier's win rate
@@ -312,32 +312,38 @@ class MFRouter:
 
 
 class EnsembleRouter:
-    """The mean of a kNN and a logistic router: the neighbourhood vote is local and noisy, the
-    linear model global and smooth, and their errors differ (on RouteLLM's MMLU outcomes the
-    mean beat both, docs/routing.md)."""
+    """The mean of three routers that err differently: a kNN vote on the gap label (local),
+    a kNN vote on the "only the larger tier is right" label (the same neighbours, asked only
+    whether the larger tier is needed), and a logistic model on the gap label (global, smooth).
+    Its parts keep these labels whatever `Target.scheme` says. The mix was chosen by 5-fold
+    cross-validation on RouteLLM's MMLU outcomes (docs/routing.md), where it beat each part."""
 
     kind = "ensemble"
+    PARTS: tuple[tuple[str, Scheme, dict[str, float]], ...] = (
+        ("knn", "gap", {"k": 100}), ("knn", "only-large", {"k": 50}), ("logistic", "gap", {}))
 
     def __init__(self) -> None:
-        self.parts: list[RouterModel] = [KNNRouter(k=100), LogisticRouter()]
+        self.parts: list[RouterModel] = [ROUTERS[kind](**options)
+                                         for kind, _, options in self.PARTS]
 
     def fit(self, x: np.ndarray, target: Target) -> None:
-        for part in self.parts:
-            part.fit(x, target)
+        for part, (_, scheme, _) in zip(self.parts, self.PARTS):
+            part.fit(x, Target(target.quality_small, target.quality_large, target.tolerance,
+                               scheme))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return np.mean([part.predict(x) for part in self.parts], axis=0)
 
     def state(self) -> dict[str, np.ndarray]:
-        return {f"{part.kind}.{key}": value for part in self.parts
+        return {f"{i}.{key}": value for i, part in enumerate(self.parts)
                 for key, value in part.state().items()}
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray]) -> EnsembleRouter:
         router = cls()
         router.parts = [ROUTERS[kind].from_state(
-            {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(kind + ".")})
-            for kind in ("knn", "logistic")]
+            {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{i}.")})
+            for i, (kind, _, _) in enumerate(cls.PARTS)]
         return router
 
 

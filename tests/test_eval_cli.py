@@ -102,3 +102,23 @@ def test_appended_lines_merge_and_a_truncated_last_line_is_skipped(tmp_path: Pat
     path.write_text('{"v": 2, "id": "x"}\n')
     with pytest.raises(OutcomeError, match="schema version 2"):
         read_rows(path)
+
+
+def test_regrade_applies_todays_graders_to_stored_answers(tmp_path: Path) -> None:
+    path = tmp_path / "o.jsonl"
+    stale = {"quality": 0.0, "answer": None, "graded_by": "rule", "output": "Answer: 72"}
+    judged = {"quality": 0.6, "graded_by": "judge:large", "output": "whatever"}
+    writer = OutcomeWriter(path)
+    writer.append({"id": "gsm8k:0", "task": "gsm8k", "kind": "number", "prompt": "p",
+                   "models": {"small": stale, "large": {**stale, "quality": 1.0,
+                                                        "answer": "72"}}})
+    writer.append({"id": "mt_bench:0", "task": "mt_bench", "kind": "open", "prompt": "q",
+                   "models": {"small": judged}})
+    writer.close()
+    done = _run("outcomes", "regrade", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "1 result(s) graded differently" in done.stdout
+    rows = read_rows(path)
+    assert rows["gsm8k:0"]["models"]["small"]["quality"] == 1.0  # gold of gsm8k:0 is 72
+    assert rows["gsm8k:0"]["models"]["small"]["answer"] == "72"
+    assert rows["mt_bench:0"]["models"]["small"] == judged  # judge grades are left alone

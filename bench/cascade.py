@@ -1,0 +1,100 @@
+"""What a cascade costs a streaming client: time to first token of `green` (the small tier's
+answer is buffered until it is judged) against streaming the small tier directly.
+
+    .venv/bin/python bench/cascade.py [--prompts 20] [--max-tokens 48]
+
+Starts `greenroute serve` on the embedded default (tiers small and large, the shipped router),
+sends each prompt as a stream to `small`, then to `green`, and prints medians of the time to the
+first content chunk and to the end, split by what `green` did (kept the small answer, escalated
+to large, or routed straight to one tier). Run it on a quiet machine: llama.cpp uses every core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import httpx
+import openai
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from evals.prompts import render  # noqa: E402
+from evals.tasks import load_task, sample  # noqa: E402
+from tests.fake_upstream import free_port  # noqa: E402
+
+
+def _stream(client: openai.OpenAI, model: str, text: str, max_tokens: int
+            ) -> tuple[float, float, dict[str, str]]:
+    started = time.perf_counter()
+    first = None
+    with client.chat.completions.with_streaming_response.create(
+            model=model, messages=[{"role": "user", "content": text}], max_tokens=max_tokens,
+            temperature=0, stream=True) as response:
+        headers = dict(response.headers)
+        for chunk in response.parse():
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter() - started
+    total = time.perf_counter() - started
+    return first if first is not None else total, total, headers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=20)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    args = parser.parse_args()
+    items = [render(item).text for task in ("arc_easy", "boolq", "svamp")
+             for item in sample(load_task(task), args.prompts // 3 + 1, 11)][:args.prompts]
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "GREENROUTE_DATA_DIR": tmp}
+        env.pop("GREENROUTE_CONFIG", None)
+        server = subprocess.Popen([str(Path(sys.executable).parent / "greenroute"), "serve",
+                                   "--port", str(port), "--log-level", "warning"],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}/v1"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if httpx.get(url + "/models", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
+            rows: dict[str, list[tuple[float, float, float, float]]] = defaultdict(list)
+            for text in items:
+                small_first, small_total, _ = _stream(client, "small", text, args.max_tokens)
+                green_first, green_total, headers = _stream(client, "green", text,
+                                                            args.max_tokens)
+                tried = headers["x-greenroute-models-tried"]
+                what = (f"cascade, kept {tried}" if headers["x-greenroute-route"] == "cascade"
+                        and "," not in tried else f"{headers['x-greenroute-route']}: {tried}")
+                rows[what].append((small_first, small_total, green_first, green_total))
+        finally:
+            server.terminate()
+            server.wait()
+    print(f"streamed answers, max_tokens {args.max_tokens}, {len(items)} prompts "
+          f"(ARC-Easy, BoolQ, SVAMP), {os.cpu_count()} cores; medians in seconds")
+    print(f"{'what green did':32} {'n':>3} {'small TTFT':>11} {'green TTFT':>11} "
+          f"{'small total':>12} {'green total':>12}")
+    for what, values in sorted(rows.items()):
+        med = [statistics.median(v[i] for v in values) for i in range(4)]
+        print(f"{what:32} {len(values):>3} {med[0]:11.3f} {med[2]:11.3f} {med[1]:12.3f} "
+              f"{med[3]:12.3f}")
+
+
+if __name__ == "__main__":
+    main()
