@@ -158,8 +158,8 @@ class RequestRecord:
         self.latency_ms = (time.perf_counter() - self.started) * 1000
         self.status = status
         self.error = error
-        if status < 400 and self.attempts:
-            self.attempts[-1].answered = True
+        if status < 400 and self.attempts and not any(a.answered for a in self.attempts):
+            self.attempts[-1].answered = True  # unless an earlier one was marked as the answer
         for attempt in self.attempts:
             attempt.done(None)
         with self._lock:

@@ -305,6 +305,7 @@ class Gateway:
         """A cascade stage's answer goes back: whole, or as the events a stream expects (the
         stage was buffered to be judged, so it arrives at once)."""
         answer = cascade.client_view(endpoint, body, answer)
+        attempt.answered = True  # it may not be the last tier tried (a later one failed)
         if not body.get("stream"):
             return self._answer(Completion(orjson.dumps(answer), usage), attempt, record,
                                 headers)

@@ -1,4 +1,6 @@
-"""The `greenroute` command: `serve` the gateway, fetch the embedded default's `models`."""
+"""The `greenroute` command: `serve` the gateway, fetch the embedded default's `models`; the
+ledger's `report` and `agent`, the eval harness's `collect`, `eval` and `outcomes`, and the
+router's `train` register themselves from their own modules."""
 
 from __future__ import annotations
 
@@ -19,15 +21,20 @@ SERVE_EPILOG = f"""\
 configuration:
   With no --config and no ${CONFIG_ENV}, the embedded default is served: tiers `small`
   (Qwen2.5-Coder-0.5B-Instruct) and `large` (Qwen2.5-Coder-1.5B-Instruct) on llama.cpp, CPU only,
-  no API key. A TOML file declares [server] (host, port, max_body_bytes, log_level), one
-  [[tiers]] table per model (name, backend = openai|llamacpp|litellm, model, url, path or
-  weights, api_key_env, threads, context, max_queue, energy_hint, aliases, timeout_s,
-  connect_timeout_s, max_connections) and optional [[keys]] (id, key or key_env).
-  Command-line flags override the file. See README.md and deploy/ for examples.
+  no API key, and model `green` routed by the router shipped for them. A TOML file declares
+  [server] (host, port, max_body_bytes, log_level), one [[tiers]] table per model (name,
+  backend = openai|llamacpp|litellm, model, url, path or weights, api_key_env, threads, context,
+  max_queue, energy_hint, aliases, timeout_s, connect_timeout_s, max_connections, meter),
+  optional [[keys]] (id, key or key_env), [router] (enabled, path to a `greenroute train`
+  artifact, default_target, cascade_max_tokens), [energy] (interval_ms, period_s,
+  grid_gco2_per_kwh) and [ledger] (enabled, path or url, store_text, batch_size,
+  flush_interval_s, max_buffer, retry_s). Command-line flags override the file. See README.md,
+  docs/ and deploy/ for examples.
 
 environment:
   {CONFIG_ENV}        config file path, when --config is not given
   {weights.CACHE_ENV}  where GGUF weights are stored (default ~/.cache/greenroute/models)
+  GREENROUTE_DATA_DIR  where the default ledger lives (default ~/.local/share/greenroute)
 """
 
 

@@ -171,3 +171,32 @@ def test_the_ledger_records_routes_targets_and_every_model_tried(
     assert [(tier, bool(answered)) for tier, answered, _ in attempts] == [("tiny", False),
                                                                          ("echo", True)]
     assert attempts[0][2] > 0 and joules >= attempts[0][2]  # the discarded answer's energy counts
+
+
+@pytest.fixture(scope="module")
+def degraded(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Iterator[str]:
+    """`tiny` is judged unsure at target 0.9, and the largest tier, `gone`, is down."""
+    tmp = tmp_path_factory.mktemp("degraded")
+    router = handmade_artifact(tmp, steps=[("tiny", 0.6, 0.5)], largest="gone",
+                               energy=[1.0, 5.0], thresholds={0.9: 0.7})
+    gone = f"http://127.0.0.1:{free_port()}/v1"
+    tiers = (f'[[tiers]]\nname = "tiny"\nbackend = "llamacpp"\nweights = "tiny"\n'
+             f'context = 2048\nenergy_hint = 0.1\n\n'
+             f'[[tiers]]\nname = "gone"\nbackend = "openai"\nurl = "{gone}"\nmodel = "x"\n'
+             f'connect_timeout_s = 1.0\nenergy_hint = 5.0\n\n'
+             f'[router]\npath = "{router}"\n\n[ledger]\nenabled = false\n')
+    gateway = start_gateway(tiers, tmp, name="degraded")
+    try:
+        yield gateway.url
+    finally:
+        stop_gateway(gateway)
+
+
+def test_when_the_largest_tier_is_down_the_best_answer_so_far_comes_back_marked(
+        degraded: str) -> None:
+    client = openai.OpenAI(base_url=degraded, api_key="unused", max_retries=0, timeout=60)
+    raw = _chat(client, model="green-0.9")
+    assert raw.headers["x-greenroute-models-tried"] == "tiny,gone"
+    assert raw.headers["x-greenroute-model"] == "tiny"
+    assert raw.headers["x-greenroute-degraded"] == "gone failed (backend_unavailable)"
+    assert raw.parse().choices[0].message.content.strip()
