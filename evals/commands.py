@@ -16,6 +16,7 @@ from evals.evaluate import evaluate
 from evals.metrics import DEFAULT_TARGET
 from evals.outcomes import (
     OutcomeError,
+    describe,
     import_table,
     load_table,
     read_rows,
@@ -276,6 +277,23 @@ def _add_outcomes(commands: argparse._SubParsersAction) -> None:  # type: ignore
     again.add_argument("path", help="outcome table")
     again.add_argument("--data-dir", metavar="DIR", help="where the task files are")
     again.set_defaults(handler=_regrade)
+    show = sub.add_parser("summary", help="per-task quality and energy of each model, as Markdown",
+                          description="Summarize an outcome table: per task, each model's mean "
+                                      "quality and joules, and how many prompts only the "
+                                      "strongest or only the cheapest model got right.")
+    show.add_argument("path", help="outcome table")
+    show.add_argument("--models", help="models to compare, cheapest first (default: the "
+                                       "table's order)")
+    show.set_defaults(handler=_summary)
+
+
+def _summary(args: argparse.Namespace) -> int:
+    try:
+        print(describe(args.path, args.models.split(",") if args.models else None))
+    except (OutcomeError, OSError) as exc:
+        print(f"greenroute outcomes summary: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _regrade(args: argparse.Namespace) -> int:

@@ -132,6 +132,35 @@ def regrade(path: str | Path, items: Mapping[str, Any]) -> int:
     return changed
 
 
+def describe(path: str | Path, models: list[str] | None = None) -> str:
+    """A Markdown summary of a table: per task, each model's accuracy and mean joules, and for
+    the cheapest and the strongest model how many prompts only one of them got right."""
+    rows = [r for r in read_rows(path).values()]
+    models = models or table_models(path)
+    complete = [r for r in rows if all(_answered(r["models"].get(m)) for m in models)]
+    first, last = models[0], models[-1]
+    header = (["task", "prompts"] + [f"{m} quality" for m in models]
+              + [f"{m} J/prompt" for m in models]
+              + [f"only {last} right", f"only {first} right"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    tasks = sorted({r["task"] for r in complete}) + ["all"]
+    for task in tasks:
+        chosen = [r for r in complete if task in ("all", r["task"])]
+        cells = [f"**{task}**" if task == "all" else task, str(len(chosen))]
+        cells += [f"{np.mean([r['models'][m]['quality'] for r in chosen]):.3f}" for m in models]
+        for m in models:
+            joules = [r["models"][m].get("joules") for r in chosen]
+            cells.append("n/a" if None in joules else f"{np.mean(joules):.1f}")
+        gap = [r["models"][last]["quality"] - r["models"][first]["quality"] for r in chosen]
+        cells += [str(sum(g > 0 for g in gap)), str(sum(g < 0 for g in gap))]
+        lines.append("| " + " | ".join(cells) + " |")
+    failed = sum(1 for r in rows for m in models if (r["models"].get(m) or {}).get("error"))
+    lines.append("")
+    lines.append(f"{len(rows)} prompts, {len(complete)} answered by every model; "
+                 f"{failed} failed results.")
+    return "\n".join(lines)
+
+
 # -- importing external tables ----------------------------------------------------------------
 
 def import_table(source: str | Path, destination: str | Path, *, prompt_field: str,

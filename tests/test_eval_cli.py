@@ -122,3 +122,20 @@ def test_regrade_applies_todays_graders_to_stored_answers(tmp_path: Path) -> Non
     assert rows["gsm8k:0"]["models"]["small"]["quality"] == 1.0  # gold of gsm8k:0 is 72
     assert rows["gsm8k:0"]["models"]["small"]["answer"] == "72"
     assert rows["mt_bench:0"]["models"]["small"] == judged  # judge grades are left alone
+
+
+def test_summary_counts_per_task(tmp_path: Path) -> None:
+    path = tmp_path / "o.jsonl"
+    writer = OutcomeWriter(path)
+    for i, (small, large) in enumerate([(1, 1), (0, 1), (0, 1), (1, 0)]):
+        writer.append({"id": f"t:{i}", "task": "arith" if i < 2 else "quiz", "prompt": "p",
+                       "models": {"small": {"quality": small, "joules": 1.0},
+                                  "large": {"quality": large, "joules": 3.0}}})
+    writer.close()
+    done = _run("outcomes", "summary", str(path))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("| task | prompts | small quality | large quality |")
+    assert "| arith | 2 | 0.500 | 1.000 | 1.0 | 3.0 | 1 | 0 |" in lines
+    assert "| quiz | 2 | 0.500 | 0.500 | 1.0 | 3.0 | 1 | 1 |" in lines
+    assert "| **all** | 4 | 0.500 | 0.750 | 1.0 | 3.0 | 2 | 1 |" in lines
