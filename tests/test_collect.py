@@ -14,9 +14,9 @@ import pytest
 
 from backends import weights
 from evals.outcomes import read_rows
+from tests.shared_data import SHARED_TASKS
 
 GREENROUTE = str(Path(sys.executable).parent / "greenroute")
-SHARED_TASKS = Path(__file__).resolve().parents[2] / "shared/data/tasks"
 
 
 def _head(name: str, count: int) -> list[dict]:

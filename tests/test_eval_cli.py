@@ -11,9 +11,9 @@ import pytest
 from matplotlib import image
 
 from evals.outcomes import OutcomeError, OutcomeWriter, compact, import_table, read_rows
+from tests.shared_data import SHARED_MMLU
 
 GREENROUTE = str(Path(sys.executable).parent / "greenroute")
-SHARED_MMLU = Path(__file__).resolve().parents[2] / "shared/data/outcomes/routellm_mmlu.jsonl"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,7 @@ from evals import metrics
 from evals.evaluate import group_folds
 from evals.metrics import Pair
 from evals.outcomes import OutcomeTable
-
-SHARED_MMLU = Path(__file__).resolve().parents[2] / "shared/data/outcomes/routellm_mmlu.jsonl"
+from tests.shared_data import SHARED_MMLU
 
 
 def _shared_mmlu() -> tuple[np.ndarray, np.ndarray]:
