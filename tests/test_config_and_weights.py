@@ -135,3 +135,9 @@ def test_serve_with_a_bad_config_exits_with_the_reason(tmp_path: Path) -> None:
     result = subprocess.run([GREENROUTE, "serve", "--config", str(path)], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and "needs url" in result.stderr
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "deploy").glob("*.toml")), ids=lambda p: p.name)
+def test_every_example_config_in_deploy_loads(path: Path) -> None:
+    config = load_config(path)
+    assert [tier.name for tier in config.tiers] == ["small", "large"]
