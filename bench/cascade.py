@@ -1,12 +1,13 @@
 """What a cascade costs a streaming client: time to first token of `green` (the small tier's
 answer is buffered until it is judged) against streaming the small tier directly.
 
-    .venv/bin/python bench/cascade.py [--prompts 20] [--max-tokens 48]
+    .venv/bin/python bench/cascade.py [--prompts 20] [--max-tokens 48] [--data-dir DIR]
 
 Starts `greenroute serve` on the embedded default (tiers small and large, the shipped router),
 sends each prompt as a stream to `small`, then to `green`, and prints medians of the time to the
 first content chunk and to the end, split by what `green` did (kept the small answer, escalated
 to large, or routed straight to one tier). Run it on a quiet machine: llama.cpp uses every core.
+With `--data-dir`, the gateway's ledger stays there for `greenroute report --db DIR/ledger.db`.
 """
 
 from __future__ import annotations
@@ -52,12 +53,15 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--data-dir", type=Path, help="keep the gateway's ledger here")
     args = parser.parse_args()
     items = [render(item).text for task in ("arc_easy", "boolq", "svamp")
              for item in sample(load_task(task), args.prompts // 3 + 1, 11)][:args.prompts]
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "GREENROUTE_DATA_DIR": tmp}
+        data_dir = args.data_dir or Path(tmp)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "GREENROUTE_DATA_DIR": str(data_dir)}
         env.pop("GREENROUTE_CONFIG", None)
         server = subprocess.Popen([str(Path(sys.executable).parent / "greenroute"), "serve",
                                    "--port", str(port), "--log-level", "warning"],
