@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,16 @@ def write(evaluation: Evaluation, out: Path) -> list[str]:
     for name, x_of, x_label in (
             (QUALITY_ENERGY, lambda c: c.energy, "mean energy per prompt (J)"),
             (QUALITY_SHARE, lambda c: 100 * c.share, "prompts sent to the large model (%)")):
-        figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+        figure, axes = plt.subplots(figsize=(8.5, 4.5), dpi=120)
+        colors = itertools.cycle(plt.get_cmap("tab20").colors)
         for result in evaluation.results:
             if result.curve is None:
                 continue
             style = {RANDOM: dict(color="grey", linestyle="--"),
-                     ORACLE: dict(color="black", linestyle=":")}.get(result.name, {})
+                     ORACLE: dict(color="black", linestyle=":")}.get(result.name)
+            if style is None:  # whole policies (cascades) dashed beside their prompt-only kin
+                style = dict(color=next(colors),
+                             linestyle="--" if "+" in result.name else "-")
             x = x_of(result.curve)
             order = np.argsort(x, kind="stable")
             axes.plot(x[order], result.curve.quality[order], label=result.name, **style)
@@ -45,7 +50,7 @@ def write(evaluation: Evaluation, out: Path) -> list[str]:
         axes.set_ylabel("mean quality")
         axes.set_title(f"{small} vs {large}, {evaluation.prompts} prompts")
         axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
+        axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         figure.tight_layout()
         figure.savefig(out / name)
         plt.close(figure)

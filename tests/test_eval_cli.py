@@ -50,7 +50,7 @@ def test_eval_on_shared_mmlu_prints_every_metric_and_writes_files(mmlu_table: Pa
     assert "| oracle |" in summary and "quality_energy.png" in summary
     for name in ("quality_energy.png", "quality_share.png"):
         height, width, _ = image.imread(tmp_path / "eval" / name).shape
-        assert (width, height) == (840, 540)
+        assert (width, height) == (1020, 540)
 
 
 def test_import_reads_routellm_csv_strings_and_eval_names_the_pair(tmp_path: Path) -> None:
