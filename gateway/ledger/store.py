@@ -25,6 +25,7 @@ DATA_ENV = "GREENROUTE_DATA_DIR"
 Migration = Callable[[Connection], None]
 MIGRATIONS: list[Migration] = []
 BASE_VERSION = 1  # the schema the first release created
+MIGRATION_LOCK = 0x6772_6e72  # Postgres advisory lock key held while migrating ("grnr")
 
 
 class LedgerError(RuntimeError):
@@ -94,21 +95,29 @@ def current_version(connection: Connection) -> int | None:
 
 
 def migrate(engine: Engine) -> int:
-    """Create or upgrade the ledger's tables; return the version it is now at."""
-    with engine.begin() as connection:
-        version = current_version(connection)
-        if version is None:
-            SQLModel.metadata.create_all(connection, tables=[
-                model.__table__ for model in schema.TABLES.values()])  # type: ignore[attr-defined]
-            connection.execute(text("CREATE TABLE ledger_version (version INTEGER NOT NULL)"))
-            connection.execute(text("INSERT INTO ledger_version VALUES (:v)"),
-                               {"v": latest_version()})
-            return latest_version()
-    if version > latest_version():
-        raise LedgerError(f"the ledger is at schema version {version}, newer than this "
-                          f"GreenRoute's {latest_version()}: upgrade GreenRoute")
-    for number in range(version, latest_version()):
+    """Create or upgrade the ledger's tables; return the version it is now at.
+
+    Each step runs in its own transaction and reads the version again inside it. On Postgres
+    the transaction first takes an advisory lock, so replicas starting together migrate one
+    after the other instead of racing to create the same tables (SQLite's writer lock already
+    serialises them)."""
+    while True:
         with engine.begin() as connection:
-            MIGRATIONS[number - BASE_VERSION](connection)
-            connection.execute(text("INSERT INTO ledger_version VALUES (:v)"), {"v": number + 1})
-    return latest_version()
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                   {"key": MIGRATION_LOCK})
+            version = current_version(connection)
+            if version is None:
+                tables = [m.__table__ for m in schema.TABLES.values()]  # type: ignore[attr-defined]
+                SQLModel.metadata.create_all(connection, tables=tables)
+                connection.execute(text("CREATE TABLE ledger_version (version INTEGER NOT NULL)"))
+                connection.execute(text("INSERT INTO ledger_version VALUES (:v)"),
+                                   {"v": latest_version()})
+                return latest_version()
+            if version > latest_version():
+                raise LedgerError(f"the ledger is at schema version {version}, newer than this "
+                                  f"GreenRoute's {latest_version()}: upgrade GreenRoute")
+            if version == latest_version():
+                return version
+            MIGRATIONS[version - BASE_VERSION](connection)
+            connection.execute(text("INSERT INTO ledger_version VALUES (:v)"), {"v": version + 1})
