@@ -10,7 +10,8 @@ first content chunk and to the end, split by what `green` did (kept the small an
 to large, or routed straight to one tier). `--model` picks the target (`green-0.8`): at the
 shipped router's default, 0.95, the embedded small tier is too weak to be tried at all.
 `--router` serves another artifact for the same tiers (the shipped one routes on the prompt
-only; one trained with cascade stages shows what buffering costs). Run it on a quiet machine: llama.cpp uses every core.
+only; one trained with cascade stages shows what buffering costs). Run it on a quiet machine:
+llama.cpp uses every core.
 With `--data-dir`, the gateway's ledger stays there for `greenroute report --db DIR/ledger.db`.
 """
 

@@ -25,7 +25,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from evals.outcomes import read_rows  # noqa: E402
-from routers.features import FEATURES  # noqa: E402
 
 
 def auc(scores: np.ndarray, right: np.ndarray) -> float | None:

@@ -32,6 +32,7 @@ class PolicyResult:
     folds: list[dict[str, float | None]] = field(default_factory=list)
     whole: dict[str, float | None] = field(default_factory=dict)
     curve: Curve | None = None  # on the whole table, for plots
+    whole_policy: bool = False  # a calibrated policy (router, maybe cascade), not scores alone
 
     def mean(self, key: str) -> float | None:
         values = [f[key] for f in self.folds if f.get(key) is not None]

@@ -34,9 +34,8 @@ def write(evaluation: Evaluation, out: Path) -> list[str]:
                 continue
             style = {RANDOM: dict(color="grey", linestyle="--"),
                      ORACLE: dict(color="black", linestyle=":")}.get(result.name)
-            if style is None:  # whole policies (cascades) dashed beside their prompt-only kin
-                style = dict(color=next(colors),
-                             linestyle="--" if "+" in result.name else "-")
+            if style is None:  # whole calibrated policies dashed beside their scores alone
+                style = dict(color=next(colors), linestyle="--" if result.whole_policy else "-")
             x = x_of(result.curve)
             order = np.argsort(x, kind="stable")
             axes.plot(x[order], result.curve.quality[order], label=result.name, **style)

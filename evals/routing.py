@@ -64,7 +64,7 @@ def cross_validate_policy(table: OutcomeTable, tiers: Sequence[str], embed: Embe
     data = tier_data(table, tiers, profile)
     x = embed(table.prompts)
     label = name or f"{config.kind}+{'cascade' if _has_cascade(data, config) else 'router'}"
-    result = PolicyResult(label)
+    result = PolicyResult(label, whole_policy=True)
     per_target = {t: TargetResult(label, t) for t in config.targets}
     pair = _pair(data)
     pooled = np.zeros((3, 0))
@@ -97,7 +97,7 @@ def evaluate_artifact(router: Router, table: OutcomeTable, embed: Embed,
     policy = router.policy
     data = tier_data(table, policy.tiers, profile)
     x = embed(table.prompts)
-    result = PolicyResult(f"artifact:{router.manifest.get('kind')}")
+    result = PolicyResult(f"artifact:{router.manifest.get('kind')}", whole_policy=True)
     result.curve = policy_curve(policy, x, data)
     result.whole = metrics.summarize(_pair(data), result.curve)
     result.folds = [result.whole]

@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 import shutil
 import sqlite3
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from sqlalchemy import inspect, text
 
 from gateway.ledger import schema, store
 from gateway.ledger.writer import LedgerWriter
+from tests.waiting import wait_until
 
 
 def _row(i: int) -> dict:
@@ -30,14 +29,6 @@ def _ids(db: Path) -> set[str]:
         return {r[0] for r in connection.execute("SELECT id FROM requests")}
 
 
-def _wait(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.05)
-
-
 def _writer(db: Path, **options: object) -> LedgerWriter:
     settings = {"batch_size": 10, "flush_interval_s": 0.05, "retry_s": 0.05, **options}
     writer = LedgerWriter(store.database_url(db), **settings)  # type: ignore[arg-type]
@@ -50,7 +41,7 @@ def test_rows_are_written_in_batches_and_flushed_on_close(tmp_path: Path) -> Non
     writer = _writer(db, batch_size=100, flush_interval_s=5.0)
     for i in range(250):
         writer.put("requests", _row(i))
-    _wait(lambda: writer.written >= 200)  # two full batches without waiting for the interval
+    wait_until(lambda: writer.written >= 200)  # two full batches without waiting for the interval
     writer.close()
     assert len(_ids(db)) == 250 and writer.buffered == 0
     with sqlite3.connect(db) as connection:
@@ -61,17 +52,17 @@ def test_a_locked_database_loses_no_rows(tmp_path: Path) -> None:
     db = tmp_path / "ledger.db"
     writer = _writer(db)
     writer.put("requests", _row(0))
-    _wait(lambda: writer.written == 1)
+    wait_until(lambda: writer.written == 1)
     locker = sqlite3.connect(db, timeout=0)
     locker.execute("BEGIN EXCLUSIVE")  # another process holds the database
     for i in range(1, 31):
         writer.put("requests", _row(i))
-    _wait(lambda: writer.failures >= 1)
+    wait_until(lambda: writer.failures >= 1)
     assert writer.written == 1 and writer.buffered == 30
     assert "locked" in (writer.last_error or "")
     locker.rollback()
     locker.close()
-    _wait(lambda: writer.written == 31)
+    wait_until(lambda: writer.written == 31)
     writer.close()
     assert _ids(db) == {f"req-{i}" for i in range(31)}
     assert writer.dropped == 0 and writer.last_error is None
@@ -83,11 +74,11 @@ def test_a_database_removed_mid_run_loses_no_rows(tmp_path: Path) -> None:
     writer = _writer(db)
     for i in range(10):
         writer.put("requests", _row(i))
-    _wait(lambda: writer.written == 10)
+    wait_until(lambda: writer.written == 10)
     shutil.move(directory, tmp_path / "moved")  # the whole directory goes away
     for i in range(10, 25):
         writer.put("requests", _row(i))
-    _wait(lambda: len(_ids(db)) == 15)  # a new database, with every row written since
+    wait_until(lambda: len(_ids(db)) == 15)  # a new database, with every row written since
     writer.close()
     before = _ids(tmp_path / "moved" / "ledger.db")
     assert before | _ids(db) == {f"req-{i}" for i in range(25)}
@@ -117,19 +108,19 @@ def test_rows_that_cannot_be_written_at_shutdown_are_kept_for_the_next_start(
     db = tmp_path / "ledger.db"
     writer = _writer(db)
     writer.put("requests", _row(0))
-    _wait(lambda: writer.written == 1)
+    wait_until(lambda: writer.written == 1)
     locker = sqlite3.connect(db, timeout=0)
     locker.execute("BEGIN EXCLUSIVE")
     for i in range(1, 4):
         writer.put("requests", _row(i))
-    _wait(lambda: writer.failures >= 1)
+    wait_until(lambda: writer.failures >= 1)
     writer.close()
     spills = list(tmp_path.glob("ledger-unwritten-*.jsonl"))
     assert len(spills) == 1 and len(spills[0].read_text().splitlines()) == 3
     locker.rollback()
     locker.close()
     again = _writer(db)
-    _wait(lambda: again.written == 3)
+    wait_until(lambda: again.written == 3)
     again.close()
     assert _ids(db) == {f"req-{i}" for i in range(4)}
     assert not list(tmp_path.glob("ledger-unwritten-*.jsonl"))

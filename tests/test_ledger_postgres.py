@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +21,7 @@ from sqlalchemy import create_engine, text
 
 from gateway.ledger.writer import LedgerWriter
 from tests.fake_upstream import free_port
+from tests.waiting import wait_until
 
 GREENROUTE = str(Path(sys.executable).parent / "greenroute")
 
@@ -112,14 +112,6 @@ def _count(url: str, sql: str) -> int:
         engine.dispose()
 
 
-def _wait(condition: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.05)
-
-
 def test_two_replicas_migrate_and_write_one_ledger_at_once(database: str) -> None:
     writers = [_writer(database), _writer(database)]
     for replica, writer in enumerate(writers):
@@ -136,7 +128,7 @@ def test_two_replicas_migrate_and_write_one_ledger_at_once(database: str) -> Non
         thread.start()
     for thread in threads:
         thread.join()
-    _wait(lambda: all(w.written == 300 for w in writers))
+    wait_until(lambda: all(w.written == 300 for w in writers), timeout=30)
     for writer in writers:
         writer.close()
     assert [w.failures for w in writers] == [0, 0]  # the second waited; it did not fail
@@ -151,16 +143,16 @@ def test_rows_written_while_the_server_restarts_are_not_lost(cluster: Cluster,
     writer.start()
     for i in range(50):
         writer.put("requests", _row(0, i))
-    _wait(lambda: writer.written == 50)
+    wait_until(lambda: writer.written == 50, timeout=30)
     cluster.stop()
     try:
         for i in range(50, 120):
             writer.put("requests", _row(0, i))
-        _wait(lambda: writer.failures > 0)
+        wait_until(lambda: writer.failures > 0, timeout=30)
         assert writer.buffered == 70
     finally:
         cluster.start()
-    _wait(lambda: writer.written == 120)
+    wait_until(lambda: writer.written == 120, timeout=30)
     writer.close()
     assert _count(database, "SELECT count(*) FROM requests") == 120
 
