@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from backends.base import (
+from greenroute.backends.base import (
     BackendError,
     BackendTimeout,
     BackendUnavailable,

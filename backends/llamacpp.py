@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from backends.base import (
+from greenroute.backends.base import (
     BackendUnavailable,
     BadGateway,
     Chunk,
@@ -35,7 +35,7 @@ from backends.base import (
     InvalidRequest,
     Usage,
 )
-from backends.energy.progress import Progress, current_track
+from greenroute.backends.energy.progress import Progress, current_track
 
 
 class GenerationCancelled(Exception):

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from backends.base import (
+from greenroute.backends.base import (
     BackendError,
     BackendTimeout,
     BackendUnavailable,

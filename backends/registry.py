@@ -4,27 +4,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backends import weights
-from backends.base import Backend
-from gateway.config import TierConfig
+from greenroute.backends import weights
+from greenroute.backends.base import Backend
+from greenroute.gateway.config import TierConfig
 
 
 def build_backend(tier: TierConfig) -> Backend:
     """The backend a tier declares; weights named by catalog must already be fetched."""
     if tier.backend == "openai":
-        from backends.openai_http import OpenAIHTTPBackend
+        from greenroute.backends.openai_http import OpenAIHTTPBackend
 
         assert tier.url and tier.model
         return OpenAIHTTPBackend(tier.name, tier.url, tier.model, api_key=tier.resolved_api_key(),
                                  timeout_s=tier.timeout_s, connect_timeout_s=tier.connect_timeout_s,
                                  max_connections=tier.max_connections)
     if tier.backend == "litellm":
-        from backends.litellm_backend import LiteLLMBackend
+        from greenroute.backends.litellm_backend import LiteLLMBackend
 
         assert tier.model
         return LiteLLMBackend(tier.name, tier.model, api_base=tier.url,
                               api_key=tier.resolved_api_key(), timeout_s=tier.timeout_s)
-    from backends.llamacpp import LlamaCppBackend
+    from greenroute.backends.llamacpp import LlamaCppBackend
 
     if tier.weights:
         spec = weights.resolve(tier.weights)

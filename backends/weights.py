@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from backends import gguf
+from greenroute.backends import gguf
 
 if TYPE_CHECKING:
-    from gateway.config import TierConfig
+    from greenroute.gateway.config import TierConfig
 
 CACHE_ENV = "GREENROUTE_CACHE_DIR"
 

@@ -30,12 +30,11 @@ from pathlib import Path
 import httpx
 import openai
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from greenroute.backends.fake_openai import free_port
+from greenroute.evals.prompts import render
+from greenroute.evals.tasks import load_task, sample
 
-from evals.prompts import render  # noqa: E402
-from evals.tasks import load_task, sample  # noqa: E402
-from tests.fake_upstream import free_port  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _stream(client: openai.OpenAI, model: str, text: str, max_tokens: int

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 PROMPT = ("Summarise the following notes in one sentence.\n" +
           "The gateway routes each request to the smallest model that answers it well, "
@@ -36,9 +35,9 @@ def _rss_mb() -> float:
 
 
 async def _measure(name: str, repeats: int) -> dict[str, float]:
-    from backends import weights
-    from backends.base import Endpoint
-    from backends.llamacpp import LlamaCppBackend
+    from greenroute.backends import weights
+    from greenroute.backends.base import Endpoint
+    from greenroute.backends.llamacpp import LlamaCppBackend
 
     spec = weights.resolve(name)
     backend = LlamaCppBackend(name, weights.ensure(name), spec.name, context=2048)

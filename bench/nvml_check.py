@@ -14,14 +14,10 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from backends.energy.nvml import NvmlMeter  # noqa: E402
+from greenroute.backends.energy.nvml import NvmlMeter
 
 
 def smi_power_w(gpu: int) -> float:

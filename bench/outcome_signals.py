@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from greenroute.evals.outcomes import read_rows
 
-from evals.outcomes import read_rows  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def auc(scores: np.ndarray, right: np.ndarray) -> float | None:
@@ -80,13 +78,13 @@ REWORDED = "Question: {question}\n{options}\n\nWhich option is correct? Reply wi
 async def probe(count: int) -> None:
     import orjson
 
-    from backends import weights
-    from backends.base import Endpoint
-    from backends.registry import build_backend
-    from evals.graders import grade
-    from evals.prompts import render
-    from evals.tasks import LETTERS, load_task, sample
-    from gateway.config import load_config
+    from greenroute.backends import weights
+    from greenroute.backends.base import Endpoint
+    from greenroute.backends.registry import build_backend
+    from greenroute.evals.graders import grade
+    from greenroute.evals.prompts import render
+    from greenroute.evals.tasks import LETTERS, load_task, sample
+    from greenroute.gateway.config import load_config
 
     tier = next(t for t in load_config(None).tiers if t.name == "small")
     weights.ensure_for_tiers([tier], log=lambda line: None)

@@ -30,10 +30,9 @@ from pathlib import Path
 import aiohttp
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from greenroute.backends.fake_openai import free_port
 
-from tests.fake_upstream import free_port  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 BODY = {"model": "echo", "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
         "max_tokens": 16, "temperature": 0}
@@ -120,7 +119,7 @@ def main() -> None:
                           f'[ledger]\npath = "{Path(tmp) / "ledger.db"}"\n\n'
                           f'[[tiers]]\nname = "echo"\nbackend = "openai"\nurl = "{upstream_url}"\n'
                           'model = "echo"\n')
-        upstream = _start([sys.executable, "-m", "tests.fake_upstream", "--port",
+        upstream = _start([sys.executable, "-m", "greenroute.backends.fake_openai", "--port",
                            str(upstream_port)], upstream_url + "/models")
         greenroute = str(Path(sys.executable).parent / "greenroute")
         gateway = _start([greenroute, "serve", "--config", str(config)],

@@ -14,19 +14,17 @@ import argparse
 import asyncio
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from greenroute.evals.outcomes import load_table, table_models
+from greenroute.routers import artifact
+from greenroute.routers.commands import build_encoder, embedder
+from greenroute.routers.service import RouterService
+from greenroute.routers.training import TrainConfig, fit_policy, tier_data
 
-from evals.outcomes import load_table, table_models  # noqa: E402
-from routers import artifact  # noqa: E402
-from routers.commands import build_encoder, embedder  # noqa: E402
-from routers.service import RouterService  # noqa: E402
-from routers.training import TrainConfig, fit_policy, tier_data  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 PROMPTS = [
     "What is the capital of Australia?",

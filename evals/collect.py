@@ -22,15 +22,15 @@ from typing import Any
 
 import orjson
 
-from backends.base import Backend, Endpoint
-from backends.energy.meter import Meter
-from backends.registry import build_backend
-from evals import graders
-from evals.outcomes import OutcomeWriter, compact, read_rows
-from evals.prompts import Prompt, render
-from evals.tasks import Item
-from gateway.config import TierConfig
-from routers.features import logprob_features
+from greenroute.backends.base import Backend, Endpoint
+from greenroute.backends.energy.meter import Meter
+from greenroute.backends.registry import build_backend
+from greenroute.evals import graders
+from greenroute.evals.outcomes import OutcomeWriter, compact, read_rows
+from greenroute.evals.prompts import Prompt, render
+from greenroute.evals.tasks import Item
+from greenroute.gateway.config import TierConfig
+from greenroute.routers.features import logprob_features
 
 log = logging.getLogger("greenroute.evals")
 
@@ -52,7 +52,7 @@ class CollectPlan:
 def meter_for(tier: TierConfig) -> Meter | None:
     """The meter that sees a tier's energy: the tier's `meter` config, else this process's CPU
     for an embedded model and none for a model served elsewhere (backends/energy/select.py)."""
-    from backends.energy import select
+    from greenroute.backends.energy import select
 
     return select.meter_for(tier)
 

@@ -8,13 +8,13 @@ import functools
 import sys
 from pathlib import Path
 
-from backends import weights
-from evals import collect as collecting
-from evals import plots, summary
-from evals.energy import parse_profile
-from evals.evaluate import evaluate
-from evals.metrics import DEFAULT_TARGET
-from evals.outcomes import (
+from greenroute.backends import weights
+from greenroute.evals import collect as collecting
+from greenroute.evals import plots, summary
+from greenroute.evals.energy import parse_profile
+from greenroute.evals.evaluate import evaluate
+from greenroute.evals.metrics import DEFAULT_TARGET
+from greenroute.evals.outcomes import (
     OutcomeError,
     describe,
     import_table,
@@ -23,17 +23,28 @@ from evals.outcomes import (
     regrade,
     table_models,
 )
-from evals.policies import BUILTIN, ScoresFilePolicy
-from evals.routing import Embed, RouterKindPolicy, cross_validate_policy, evaluate_artifact
-from evals.tasks import KINDS, TASKS, Item, TaskError, load_file, load_task, sample
-from gateway.config import CONFIG_ENV, ConfigError, GatewayConfig, TierConfig, load_config
-from routers import artifact
-from routers import commands as router_commands
-from routers.artifact import ArtifactError
-from routers.encoders import EncoderError
-from routers.models import KINDS as ROUTER_KINDS
-from routers.models import KNNRouter
-from routers.training import TrainConfig
+from greenroute.evals.policies import BUILTIN, ScoresFilePolicy
+from greenroute.evals.routing import (
+    Embed,
+    RouterKindPolicy,
+    cross_validate_policy,
+    evaluate_artifact,
+)
+from greenroute.evals.tasks import KINDS, TASKS, Item, TaskError, load_file, load_task, sample
+from greenroute.gateway.config import (
+    CONFIG_ENV,
+    ConfigError,
+    GatewayConfig,
+    TierConfig,
+    load_config,
+)
+from greenroute.routers import artifact
+from greenroute.routers import commands as router_commands
+from greenroute.routers.artifact import ArtifactError
+from greenroute.routers.encoders import EncoderError
+from greenroute.routers.models import KINDS as ROUTER_KINDS
+from greenroute.routers.models import KNNRouter
+from greenroute.routers.training import TrainConfig
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from evals.outcomes import OutcomeTable
+from greenroute.evals.outcomes import OutcomeTable
 
 DEFAULT_PROFILE = {"small": 0.095, "large": 0.563}
 SOURCE_PROFILE = "profile"

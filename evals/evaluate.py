@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from evals import metrics
-from evals.energy import prompt_energy
-from evals.metrics import Curve, Pair
-from evals.outcomes import OutcomeTable
-from evals.policies import Policy
+from greenroute.evals import metrics
+from greenroute.evals.energy import prompt_energy
+from greenroute.evals.metrics import Curve, Pair
+from greenroute.evals.outcomes import OutcomeTable
+from greenroute.evals.policies import Policy
 
 RANDOM = "random"
 ORACLE = "oracle"

@@ -15,7 +15,7 @@ import string
 from dataclasses import dataclass
 from fractions import Fraction
 
-from evals.tasks import LETTERS, Item
+from greenroute.evals.tasks import LETTERS, Item
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from routers.features import FEATURES
+from greenroute.routers.features import FEATURES
 
 log = logging.getLogger("greenroute.evals")
 
@@ -113,7 +113,7 @@ def prompt_hash(text: str) -> str:
 def regrade(path: str | Path, items: Mapping[str, Any]) -> int:
     """Grade the stored outputs again with today's graders (rule-graded kinds only), and
     rewrite the table; return how many results changed. `items` maps ids to evals.tasks.Item."""
-    from evals.graders import grade
+    from greenroute.evals.graders import grade
 
     rows = read_rows(path)
     changed = 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evals.evaluate import ORACLE, RANDOM, Evaluation
+from greenroute.evals.evaluate import ORACLE, RANDOM, Evaluation
 
 QUALITY_ENERGY = "quality_energy.png"
 QUALITY_SHARE = "quality_share.png"

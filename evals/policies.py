@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from evals.outcomes import OutcomeTable
+from greenroute.evals.outcomes import OutcomeTable
 
 
 class Policy(Protocol):

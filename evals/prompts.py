@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from evals.tasks import LETTERS, Item
+from greenroute.evals.tasks import LETTERS, Item
 
 
 @dataclass(frozen=True, slots=True)

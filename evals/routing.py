@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from evals import metrics
-from evals.evaluate import PolicyResult, group_folds
-from evals.outcomes import OutcomeTable
-from routers.artifact import Router
-from routers.models import Scheme, Target, make
-from routers.policy import simulate
-from routers.training import TierData, TrainConfig, fit_policy, policy_curve, tier_data
+from greenroute.evals import metrics
+from greenroute.evals.evaluate import PolicyResult, group_folds
+from greenroute.evals.outcomes import OutcomeTable
+from greenroute.routers.artifact import Router
+from greenroute.routers.models import Scheme, Target, make
+from greenroute.routers.policy import simulate
+from greenroute.routers.training import TierData, TrainConfig, fit_policy, policy_curve, tier_data
 
 Embed = Callable[[Sequence[str]], np.ndarray]
 

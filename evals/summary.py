@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from evals.evaluate import Evaluation, PolicyResult
+from greenroute.evals.evaluate import Evaluation, PolicyResult
 
 COLUMNS = (("apgr", "APGR", "num"), ("cpt20", "CPT(20%)", "pct"), ("cpt50", "CPT(50%)", "pct"),
            ("cpt80", "CPT(80%)", "pct"), ("aiq", "AIQ", "num"),

@@ -17,11 +17,11 @@ from typing import Any
 
 import orjson
 
-from backends.base import Backend, Usage
-from backends.energy.attribution import Track
-from backends.energy.progress import current_track
-from backends.energy.sampler import Fleet
-from gateway.ledger.writer import LedgerWriter
+from greenroute.backends.base import Backend, Usage
+from greenroute.backends.energy.attribution import Track
+from greenroute.backends.energy.progress import current_track
+from greenroute.backends.energy.sampler import Fleet
+from greenroute.gateway.ledger.writer import LedgerWriter
 
 
 class Accounting:

@@ -19,9 +19,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from backends.energy.meter import MeterError
-from backends.energy.nvml import NvmlMeter, load_nvml
-from backends.energy.prometheus import CONTENT_TYPE, DCGM_ENERGY, render
+from greenroute.backends.energy.meter import MeterError
+from greenroute.backends.energy.nvml import NvmlMeter, load_nvml
+from greenroute.backends.energy.prometheus import CONTENT_TYPE, DCGM_ENERGY, render
 
 log = logging.getLogger("greenroute.agent")
 

@@ -21,11 +21,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from backends.base import Backend, BackendError, Chunk, Completion, Endpoint, Usage
-from backends.energy.sampler import Fleet
-from backends.registry import build_backend
-from gateway import cascade
-from gateway.accounting import (
+from greenroute.backends.base import Backend, BackendError, Chunk, Completion, Endpoint, Usage
+from greenroute.backends.energy.sampler import Fleet
+from greenroute.backends.registry import build_backend
+from greenroute.gateway import cascade
+from greenroute.gateway.accounting import (
     Accounting,
     Attempt,
     RequestRecord,
@@ -33,22 +33,22 @@ from gateway.accounting import (
     prompt_text,
     with_energy,
 )
-from gateway.config import RESERVED_MODEL, GatewayConfig
-from gateway.errors import APIError, bad_request, server_error
-from gateway.ledger import store
-from gateway.ledger.writer import LedgerWriter
-from gateway.metrics import render_metrics
-from gateway.plan import Planner, RoutedPlan, parse_target
-from gateway.schemas import ChatCompletionRequest, CompletionRequest, validate
-from gateway.streaming import (
+from greenroute.gateway.config import RESERVED_MODEL, GatewayConfig
+from greenroute.gateway.errors import APIError, bad_request, server_error
+from greenroute.gateway.ledger import store
+from greenroute.gateway.ledger.writer import LedgerWriter
+from greenroute.gateway.metrics import render_metrics
+from greenroute.gateway.plan import Planner, RoutedPlan, parse_target
+from greenroute.gateway.schemas import ChatCompletionRequest, CompletionRequest, validate
+from greenroute.gateway.streaming import (
     ClientGone,
     EventStreamResponse,
     sse_events,
     until_disconnect,
     watch_disconnect,
 )
-from routers.routing_text import routing_text
-from routers.service import RouterService, load_router
+from greenroute.routers.routing_text import routing_text
+from greenroute.routers.service import RouterService, load_router
 
 log = logging.getLogger("greenroute.gateway")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from backends.base import Endpoint
+from greenroute.backends.base import Endpoint
 
 TOP_LOGPROBS = 5
 

@@ -9,13 +9,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from backends import weights
-from evals import commands as eval_commands
-from gateway import agent, report
-from gateway.config import CONFIG_ENV, ConfigError, GatewayConfig, load_config
-from routers import commands as router_commands
-from routers.artifact import ArtifactError
-from routers.encoders import EncoderError
+from greenroute.backends import weights
+from greenroute.evals import commands as eval_commands
+from greenroute.gateway import agent, report
+from greenroute.gateway.config import CONFIG_ENV, ConfigError, GatewayConfig, load_config
+from greenroute.routers import commands as router_commands
+from greenroute.routers.artifact import ArtifactError
+from greenroute.routers.encoders import EncoderError
 
 SERVE_EPILOG = f"""\
 configuration:
@@ -98,8 +98,8 @@ def _models(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from backends.energy.meter import MeterError
-    from gateway.app import create_app
+    from greenroute.backends.energy.meter import MeterError
+    from greenroute.gateway.app import create_app
 
     try:
         config = _with_overrides(load_config(args.config), args)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import orjson
 from starlette.responses import Response
 
-from backends.base import BackendError
+from greenroute.backends.base import BackendError
 
 
 class APIError(Exception):

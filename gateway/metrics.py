@@ -6,9 +6,9 @@ read failures; for the ledger: rows written, waiting, dropped (a full buffer), w
 
 from __future__ import annotations
 
-from backends.energy.prometheus import render
-from backends.energy.sampler import Fleet
-from gateway.ledger.writer import LedgerWriter
+from greenroute.backends.energy.prometheus import render
+from greenroute.backends.energy.sampler import Fleet
+from greenroute.gateway.ledger.writer import LedgerWriter
 
 
 def render_metrics(fleet: Fleet, writer: LedgerWriter | None) -> str:

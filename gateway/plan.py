@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from backends.base import Backend
-from gateway.config import RESERVED_MODEL, GatewayConfig, is_reserved
-from gateway.errors import APIError
+from greenroute.backends.base import Backend
+from greenroute.gateway.config import RESERVED_MODEL, GatewayConfig, is_reserved
+from greenroute.gateway.errors import APIError
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,9 +26,15 @@ import orjson
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway.config import CONFIG_ENV, ConfigError, EnergyConfig, GatewayConfig, load_config
-from gateway.ledger import store
-from gateway.ledger.schema import AttemptRow, DeviceEnergyRow, RequestRow
+from greenroute.gateway.config import (
+    CONFIG_ENV,
+    ConfigError,
+    EnergyConfig,
+    GatewayConfig,
+    load_config,
+)
+from greenroute.gateway.ledger import store
+from greenroute.gateway.ledger.schema import AttemptRow, DeviceEnergyRow, RequestRow
 
 DIMENSIONS = ("model", "route", "key", "day", "hour")
 J_PER_KWH = 3.6e6

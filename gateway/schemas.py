@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from gateway.errors import APIError, bad_request
+from greenroute.gateway.errors import APIError, bad_request
 
 
 class _Open(BaseModel):

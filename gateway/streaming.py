@@ -17,8 +17,8 @@ import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from backends.base import BackendError, Chunk
-from gateway.errors import APIError, server_error
+from greenroute.backends.base import BackendError, Chunk
+from greenroute.gateway.errors import APIError, server_error
 
 log = logging.getLogger("greenroute.gateway")
 T = TypeVar("T")

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from routers.confidence import ConfidenceModel
-from routers.encoders import Encoder, EncoderError, StaticEncoder, load_encoder
-from routers.models import from_state
-from routers.policy import CANDIDATES, RoutingPolicy, Step
+from greenroute.routers.confidence import ConfidenceModel
+from greenroute.routers.encoders import Encoder, EncoderError, StaticEncoder, load_encoder
+from greenroute.routers.models import from_state
+from greenroute.routers.policy import CANDIDATES, RoutingPolicy, Step
 
 FORMAT = "greenroute-router"
 VERSION = 1

@@ -10,11 +10,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from evals import metrics
-from evals.energy import parse_profile
-from evals.outcomes import OutcomeError, load_table, table_models
-from routers import artifact, calibration
-from routers.encoders import (
+from greenroute.evals import metrics
+from greenroute.evals.energy import parse_profile
+from greenroute.evals.outcomes import OutcomeError, load_table, table_models
+from greenroute.routers import artifact, calibration
+from greenroute.routers.encoders import (
     DEFAULT_MODEL,
     EmbeddingCache,
     Encoder,
@@ -23,8 +23,8 @@ from routers.encoders import (
     StaticEncoder,
     distill,
 )
-from routers.models import KINDS
-from routers.training import TrainConfig, fit_policy, policy_curve, tier_data
+from greenroute.routers.models import KINDS
+from greenroute.routers.training import TrainConfig, fit_policy, policy_curve, tier_data
 
 ENCODER_HELP = ("static (the default: distilled from all-MiniLM-L6-v2, fast), minilm "
                 "(all-MiniLM-L6-v2 through sentence-transformers), a static encoder directory, "

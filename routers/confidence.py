@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from routers.features import FEATURES
-from routers.models import Target, _sigmoid, fit_logistic
+from greenroute.routers.features import FEATURES
+from greenroute.routers.models import Target, _sigmoid, fit_logistic
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

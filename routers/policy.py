@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from routers.confidence import ConfidenceModel
-from routers.models import RouterModel
+from greenroute.routers.confidence import ConfidenceModel
+from greenroute.routers.models import RouterModel
 
 # Thresholds from "never keep" (everything to the largest tier) down to "always keep".
 CANDIDATES = np.concatenate([[np.inf], np.round(np.linspace(1.0, 0.0, 201), 4)])

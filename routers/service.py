@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from routers import artifact
-from routers.artifact import ArtifactError, Router
-from routers.encoders import StaticEncoder
-from routers.features import FEATURES, logprob_features
-from routers.policy import CANDIDATES
+from greenroute.routers import artifact
+from greenroute.routers.artifact import ArtifactError, Router
+from greenroute.routers.encoders import StaticEncoder
+from greenroute.routers.features import FEATURES, logprob_features
+from greenroute.routers.policy import CANDIDATES
 
 if TYPE_CHECKING:
-    from gateway.config import GatewayConfig
+    from greenroute.gateway.config import GatewayConfig
 
 log = logging.getLogger("greenroute.router")
 MAX_BATCH = 64

@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from evals.energy import prompt_energy
-from evals.evaluate import group_folds
-from evals.metrics import Curve
-from evals.outcomes import OutcomeTable
-from routers import calibration
-from routers.confidence import ConfidenceModel
-from routers.models import Scheme, Target, make
-from routers.policy import CANDIDATES, RoutingPolicy, Step, simulate
+from greenroute.evals.energy import prompt_energy
+from greenroute.evals.evaluate import group_folds
+from greenroute.evals.metrics import Curve
+from greenroute.evals.outcomes import OutcomeTable
+from greenroute.routers import calibration
+from greenroute.routers.confidence import ConfidenceModel
+from greenroute.routers.models import Scheme, Target, make
+from greenroute.routers.policy import CANDIDATES, RoutingPolicy, Step, simulate
 
 KEEP_BINS = 10
 

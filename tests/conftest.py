@@ -16,8 +16,8 @@ import httpx
 import openai
 import pytest
 
-from backends import weights
-from tests.fake_upstream import DyingServer, FakeUpstream, free_port
+from greenroute.backends import weights
+from greenroute.backends.fake_openai import DyingServer, FakeUpstream, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 GREENROUTE = str(Path(sys.executable).parent / "greenroute")

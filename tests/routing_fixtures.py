@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from routers import artifact
-from routers.confidence import ConfidenceModel
-from routers.encoders import StaticEncoder
-from routers.features import FEATURES
-from routers.models import LogisticRouter
-from routers.policy import CANDIDATES, RoutingPolicy, Step
+from greenroute.routers import artifact
+from greenroute.routers.confidence import ConfidenceModel
+from greenroute.routers.encoders import StaticEncoder
+from greenroute.routers.features import FEATURES
+from greenroute.routers.models import LogisticRouter
+from greenroute.routers.policy import CANDIDATES, RoutingPolicy, Step
 
 WORDS = [f"w{i}" for i in range(60)]
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.energy.attribution import Device, PeriodEnergy, Track
+from greenroute.backends.energy.attribution import Device, PeriodEnergy, Track
 
 
 class Clock:
@@ -141,7 +141,7 @@ def test_prefill_reported_at_the_first_token_counts_where_it_was_processed() -> 
 
 
 def test_a_meter_that_fails_loses_no_energy() -> None:
-    from backends.energy.meter import MeterError
+    from greenroute.backends.energy.meter import MeterError
 
     dev, meter, clock, _ = device(cheap=False)
     track = dev.track()

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from shared_data import SHARED_TASKS
 
-from backends import weights
-from evals.outcomes import read_rows
-from tests.shared_data import SHARED_TASKS
+from greenroute.backends import weights
+from greenroute.evals.outcomes import read_rows
 
 GREENROUTE = str(Path(sys.executable).parent / "greenroute")
 

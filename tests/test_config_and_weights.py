@@ -9,10 +9,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import GREENROUTE, REPO
 
-from backends import gguf, weights
-from gateway.config import ConfigError, default_config, load_config
-from tests.conftest import GREENROUTE, REPO
+from greenroute.backends import gguf, weights
+from greenroute.gateway.config import ConfigError, default_config, load_config
 
 
 def test_no_file_means_the_embedded_default(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,10 +14,10 @@ import httpx
 import openai
 import pytest
 
-from backends import weights
-from routers.artifact import read_manifest
-from routers.service import DEFAULT_ARTIFACT
-from tests.fake_upstream import free_port
+from greenroute.backends import weights
+from greenroute.backends.fake_openai import free_port
+from greenroute.routers.artifact import read_manifest
+from greenroute.routers.service import DEFAULT_ARTIFACT
 
 GREENROUTE = str(Path(sys.executable).parent / "greenroute")
 

@@ -12,8 +12,7 @@ import time
 import httpx
 import openai
 import pytest
-
-from tests.conftest import Gateway
+from conftest import Gateway
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

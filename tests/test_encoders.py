@@ -8,8 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from routers.encoders import EmbeddingCache, SentenceTransformerEncoder, StaticEncoder, distill
-from routers.routing_text import routing_text
+from greenroute.routers.encoders import (
+    EmbeddingCache,
+    SentenceTransformerEncoder,
+    StaticEncoder,
+    distill,
+)
+from greenroute.routers.routing_text import routing_text
 
 TOPICS = {
     "math": ["What is 17 times 23?", "Solve for x: 2x + 6 = 14.",

@@ -17,8 +17,7 @@ from typing import Any
 
 import openai
 import pytest
-
-from tests.conftest import GREENROUTE, REPO, start_gateway, stop_gateway
+from conftest import GREENROUTE, REPO, start_gateway, stop_gateway
 
 CONCURRENT = 50
 TIER = ('[[tiers]]\nname = "tiny"\nbackend = "llamacpp"\nweights = "tiny"\ncontext = 512\n'

@@ -8,8 +8,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
-from tests.conftest import MAX_BODY, Gateway, start_gateway, stop_gateway
+from conftest import MAX_BODY, Gateway, start_gateway, stop_gateway
 
 CHAT = "/chat/completions"
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from matplotlib import image
+from shared_data import SHARED_MMLU
 
-from evals.outcomes import OutcomeError, OutcomeWriter, compact, import_table, read_rows
-from tests.shared_data import SHARED_MMLU
+from greenroute.evals.outcomes import OutcomeError, OutcomeWriter, compact, import_table, read_rows
 
 GREENROUTE = str(Path(sys.executable).parent / "greenroute")
 

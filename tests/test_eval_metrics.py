@@ -7,12 +7,12 @@ import math
 
 import numpy as np
 import pytest
+from shared_data import SHARED_MMLU
 
-from evals import metrics
-from evals.evaluate import group_folds
-from evals.metrics import Pair
-from evals.outcomes import OutcomeTable
-from tests.shared_data import SHARED_MMLU
+from greenroute.evals import metrics
+from greenroute.evals.evaluate import group_folds
+from greenroute.evals.metrics import Pair
+from greenroute.evals.outcomes import OutcomeTable
 
 
 def _shared_mmlu() -> tuple[np.ndarray, np.ndarray]:

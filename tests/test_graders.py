@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from evals import graders
-from evals.tasks import Item
+from greenroute.evals import graders
+from greenroute.evals.tasks import Item
 
 CASES = [json.loads(line) for line in
          (Path(__file__).parent / "data/real_answers.jsonl").read_text().splitlines()]

@@ -20,10 +20,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from conftest import Gateway, start_gateway, stop_gateway
+from routing_fixtures import handmade_artifact
 
-from tests.conftest import Gateway, start_gateway, stop_gateway
-from tests.fake_upstream import FakeUpstream, free_port
-from tests.routing_fixtures import handmade_artifact
+from greenroute.backends.fake_openai import FakeUpstream, free_port
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -9,9 +9,9 @@ import time
 import httpx
 import openai
 import pytest
+from conftest import Gateway
 
-from tests.conftest import Gateway
-from tests.fake_upstream import FakeUpstream
+from greenroute.backends.fake_openai import FakeUpstream
 
 HELLO = [{"role": "user", "content": "hello there"}]
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect, text
+from waiting import wait_until
 
-from gateway.ledger import schema, store
-from gateway.ledger.writer import LedgerWriter
-from tests.waiting import wait_until
+from greenroute.gateway.ledger import schema, store
+from greenroute.gateway.ledger.writer import LedgerWriter
 
 
 def _row(i: int) -> dict:

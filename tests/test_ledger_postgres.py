@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
+from waiting import wait_until
 
-from gateway.ledger.writer import LedgerWriter
-from tests.fake_upstream import free_port
-from tests.waiting import wait_until
+from greenroute.backends.fake_openai import free_port
+from greenroute.gateway.ledger.writer import LedgerWriter
 
 GREENROUTE = str(Path(sys.executable).parent / "greenroute")
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import pynvml
 import pytest
 
-from backends.energy.meter import MeterError
-from backends.energy.nvml import NvmlMeter
-from backends.energy.prometheus import PrometheusMeter, parse_samples
-from backends.energy.rapl import RaplMeter
-from backends.energy.select import meter_config, shared_meters
-from gateway.config import MeterConfig, TierConfig
+from greenroute.backends.energy.meter import MeterError
+from greenroute.backends.energy.nvml import NvmlMeter
+from greenroute.backends.energy.prometheus import PrometheusMeter, parse_samples
+from greenroute.backends.energy.rapl import RaplMeter
+from greenroute.backends.energy.select import meter_config, shared_meters
+from greenroute.gateway.config import MeterConfig, TierConfig
 
 # -- NVML: a fake libnvidia-ml under the real pynvml ------------------------------------------
 
@@ -255,7 +255,7 @@ def test_exposition_parser_reads_labels_and_skips_comments() -> None:
 
 def test_agent_serves_nvml_counters_that_a_prometheus_meter_reads(
         fake_nvml: FakeNvmlLib) -> None:
-    from gateway.agent import serve
+    from greenroute.gateway.agent import serve
 
     nvml = NvmlMeter([0, 1, 2])
     stop = threading.Event()

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from routing_fixtures import WORDS, static_encoder
 
-from routers import artifact
-from routers.artifact import ArtifactError
-from routers.calibration import betting_lower_bound, choose
-from routers.confidence import ConfidenceModel
-from routers.encoders import StaticEncoder
-from routers.features import FEATURES, logprob_features
-from routers.models import KINDS, Target, make
-from routers.policy import CANDIDATES, RoutingPolicy, Step, simulate
-from routers.training import TierData, TrainConfig, fit_policy
-from tests.routing_fixtures import WORDS, static_encoder
+from greenroute.routers import artifact
+from greenroute.routers.artifact import ArtifactError
+from greenroute.routers.calibration import betting_lower_bound, choose
+from greenroute.routers.confidence import ConfidenceModel
+from greenroute.routers.encoders import StaticEncoder
+from greenroute.routers.features import FEATURES, logprob_features
+from greenroute.routers.models import KINDS, Target, make
+from greenroute.routers.policy import CANDIDATES, RoutingPolicy, Step, simulate
+from greenroute.routers.training import TierData, TrainConfig, fit_policy
 
 
 def _planted(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

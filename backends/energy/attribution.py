@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from backends.energy.meter import Meter, MeterError
+from greenroute.backends.energy.meter import Meter, MeterError
 
 log = logging.getLogger("greenroute.energy")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from backends.energy.meter import EnergySource
+from greenroute.backends.energy.meter import EnergySource
 
 DEFAULT_WATTS_PER_CORE = 3.5
 

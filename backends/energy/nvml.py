@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from backends.energy.meter import EnergySource, MeterError
+from greenroute.backends.energy.meter import EnergySource, MeterError
 
 T = TypeVar("T")
 

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
-from backends.energy.meter import EnergySource, MeterError
+from greenroute.backends.energy.meter import EnergySource, MeterError
 
 DCGM_ENERGY = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends.energy.meter import EnergySource, MeterError
+from greenroute.backends.energy.meter import EnergySource, MeterError
 
 POWERCAP = Path("/sys/class/powercap")
 _PACKAGE_ZONE = re.compile(r"^(intel|amd)-rapl:\d+$")

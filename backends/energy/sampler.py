@@ -10,10 +10,10 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 
-from backends.energy.attribution import Device, PeriodEnergy, Track
-from backends.energy.meter import MeterError
-from backends.energy.select import shared_meters
-from gateway.config import TierConfig
+from greenroute.backends.energy.attribution import Device, PeriodEnergy, Track
+from greenroute.backends.energy.meter import MeterError
+from greenroute.backends.energy.select import shared_meters
+from greenroute.gateway.config import TierConfig
 
 log = logging.getLogger("greenroute.energy")
 

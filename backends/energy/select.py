@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from backends.energy.estimate import CpuTimeEstimateMeter
-from backends.energy.meter import Meter
-from gateway.config import MeterConfig, TierConfig
+from greenroute.backends.energy.estimate import CpuTimeEstimateMeter
+from greenroute.backends.energy.meter import Meter
+from greenroute.gateway.config import MeterConfig, TierConfig
 
 
 def meter_config(tier: TierConfig) -> MeterConfig | None:
@@ -38,18 +38,18 @@ def group_key(config: MeterConfig) -> tuple[object, ...]:
 def build_meter(config: MeterConfig) -> Meter:
     """Open the meter a config names (raises MeterError if its counter cannot be read)."""
     if config.kind == "nvml":
-        from backends.energy.nvml import NvmlMeter
+        from greenroute.backends.energy.nvml import NvmlMeter
 
         return NvmlMeter(config.gpus)
     if config.kind == "prometheus":
-        from backends.energy.prometheus import PrometheusMeter
+        from greenroute.backends.energy.prometheus import PrometheusMeter
 
         assert config.url
         return PrometheusMeter(config.url, config.gpus, metric=config.metric,
                                joules_per_unit=config.joules_per_unit,
                                timeout_s=config.timeout_s)
     if config.kind == "rapl":
-        from backends.energy.rapl import RaplMeter
+        from greenroute.backends.energy.rapl import RaplMeter
 
         return RaplMeter(Path(config.rapl_root))
     return CpuTimeEstimateMeter(config.watts_per_core)

@@ -17,7 +17,7 @@ from pathlib import Path
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlmodel import SQLModel
 
-from gateway.ledger import schema
+from greenroute.gateway.ledger import schema
 
 DATA_ENV = "GREENROUTE_DATA_DIR"
 

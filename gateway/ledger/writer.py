@@ -31,7 +31,7 @@ import orjson
 from sqlalchemy import Engine, Table, insert
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway.ledger import schema, store
+from greenroute.gateway.ledger import schema, store
 
 log = logging.getLogger("greenroute.ledger")
 

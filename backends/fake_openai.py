@@ -209,7 +209,7 @@ class DyingServer:
 
 
 def main() -> None:
-    """Serve the fake on its own (`python -m tests.fake_upstream --port N`), as bench/ does."""
+    """Serve the fake on its own (`python -m greenroute.backends.fake_openai --port N`)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__)
