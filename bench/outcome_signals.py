@@ -78,16 +78,15 @@ REWORDED = "Question: {question}\n{options}\n\nWhich option is correct? Reply wi
 async def probe(count: int) -> None:
     import orjson
 
-    from greenroute.backends import weights
     from greenroute.backends.base import Endpoint
-    from greenroute.backends.registry import build_backend
+    from greenroute.backends.registry import build_backend, prepare_tiers
     from greenroute.evals.graders import grade
     from greenroute.evals.prompts import render
     from greenroute.evals.tasks import LETTERS, load_task, sample
     from greenroute.gateway.config import load_config
 
     tier = next(t for t in load_config(None).tiers if t.name == "small")
-    weights.ensure_for_tiers([tier], log=lambda line: None)
+    prepare_tiers([tier])
     backend = build_backend(tier)
     await backend.start()
     items = sample(load_task("arc_easy"), count, 0)

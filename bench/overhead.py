@@ -4,10 +4,10 @@
 
 The client is aiohttp on uvloop (lighter than httpx, so it takes less CPU from the
 processes it measures). Starts a local OpenAI-protocol upstream that answers at once
-(tests/fake_upstream.py, its own
-process) and a gateway in front of it (`greenroute serve`, its own process), then sends the same
-chat request both ways, alternating so that drift hits both alike: sequentially, and from
-`--concurrency` workers at once; non-streamed and streamed (time to the end of the stream).
+(`greenroute.backends.fake_openai`, its own process) and a gateway in front of it (`greenroute
+serve`, its own process), then sends the same chat request both ways, alternating so that drift
+hits both alike: sequentially, and from `--concurrency` workers at once; non-streamed and
+streamed (time to the end of the stream).
 Prints p50/p99 of each path, the p50/p99 the gateway adds, and requests per second.
 
 All three processes (client, gateway, upstream) share this machine's cores: run it on a quiet

@@ -18,11 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from greenroute.evals.encoding import build_encoder, embedder
 from greenroute.evals.outcomes import load_table, table_models
+from greenroute.evals.training import TrainConfig, fit_policy, tier_data
 from greenroute.routers import artifact
-from greenroute.routers.commands import build_encoder, embedder
 from greenroute.routers.service import RouterService
-from greenroute.routers.training import TrainConfig, fit_policy, tier_data
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -24,12 +24,11 @@ import orjson
 
 from greenroute.backends.base import Backend, Endpoint
 from greenroute.backends.energy.meter import Meter
-from greenroute.backends.registry import build_backend
+from greenroute.backends.registry import TierConfig, build_backend
 from greenroute.evals import graders
 from greenroute.evals.outcomes import OutcomeWriter, compact, read_rows
 from greenroute.evals.prompts import Prompt, render
 from greenroute.evals.tasks import Item
-from greenroute.gateway.config import TierConfig
 from greenroute.routers.features import logprob_features
 
 log = logging.getLogger("greenroute.evals")

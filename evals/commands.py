@@ -6,11 +6,14 @@ import argparse
 import asyncio
 import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from greenroute.backends import weights
+from greenroute.backends.registry import TierConfig, prepare_tiers
 from greenroute.evals import collect as collecting
-from greenroute.evals import plots, summary
+from greenroute.evals import plots, summary, train_command
+from greenroute.evals.encoding import ENCODER_HELP, Embed, build_encoder, embedder
 from greenroute.evals.energy import parse_profile
 from greenroute.evals.evaluate import evaluate
 from greenroute.evals.metrics import DEFAULT_TARGET
@@ -23,28 +26,21 @@ from greenroute.evals.outcomes import (
     regrade,
     table_models,
 )
-from greenroute.evals.policies import BUILTIN, ScoresFilePolicy
-from greenroute.evals.routing import (
-    Embed,
-    RouterKindPolicy,
-    cross_validate_policy,
-    evaluate_artifact,
-)
+from greenroute.evals.policies import BUILTIN, Policy, ScoresFilePolicy
+from greenroute.evals.routing import RouterKindPolicy, cross_validate_policy, evaluate_artifact
 from greenroute.evals.tasks import KINDS, TASKS, Item, TaskError, load_file, load_task, sample
+from greenroute.evals.training import TrainConfig
 from greenroute.gateway.config import (
     CONFIG_ENV,
     ConfigError,
     GatewayConfig,
-    TierConfig,
     load_config,
 )
 from greenroute.routers import artifact
-from greenroute.routers import commands as router_commands
 from greenroute.routers.artifact import ArtifactError
 from greenroute.routers.encoders import EncoderError
 from greenroute.routers.models import KINDS as ROUTER_KINDS
 from greenroute.routers.models import KNNRouter
-from greenroute.routers.training import TrainConfig
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -100,8 +96,8 @@ def _collect(args: argparse.Namespace) -> int:
         items = _items(args)
         tiers = _tiers(config, args.models)
         judge = _tiers(config, args.judge)[0] if args.judge else None
-        weights.ensure_for_tiers([*tiers, *([judge] if judge else [])],
-                                 log=lambda line: print(line, file=sys.stderr))
+        prepare_tiers([*tiers, *([judge] if judge else [])],
+                      log=lambda line: print(line, file=sys.stderr))
     except (ConfigError, TaskError, ValueError, weights.WeightsError) as exc:
         print(f"greenroute collect: {exc}", file=sys.stderr)
         return 2
@@ -177,7 +173,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
                              "all: every kind)")
     parser.add_argument("--baseline", action="store_true",
                         help="add the plain baseline: kNN, k=50, label 'only large right'")
-    parser.add_argument("--encoder", help=router_commands.ENCODER_HELP + " (default: static, "
+    parser.add_argument("--encoder", help=ENCODER_HELP + " (default: static, "
                                           "or the --router artifact's)")
     parser.add_argument("--targets", metavar="T,T,...",
                         help="also cross-validate each --kind's whole policy (cascade where the "
@@ -203,25 +199,25 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
 
 def _eval(args: argparse.Namespace) -> int:
     try:
-        tiers = router_commands.tier_names(args, table_models(args.outcomes))
+        tiers = train_command.tier_names(args, table_models(args.outcomes))
         small, large = tiers[0], tiers[-1]
         table = load_table(args.outcomes, tiers)
         profile = parse_profile(args.energy_profile) if args.energy_profile else None
-        factories = [BUILTIN[name] for name in args.policy]
+        factories: list[Callable[[], Policy]] = [BUILTIN[name] for name in args.policy]
         factories += [functools.partial(ScoresFilePolicy, path) for path in args.scores]
         kinds = list(ROUTER_KINDS) if "all" in args.kind else args.kind
         embed = None
         if kinds or args.baseline or args.router:
             encoder = (artifact.load(args.router).encoder if args.router and not args.encoder
-                       else router_commands.build_encoder(args.encoder or "static"))
-            embed = router_commands.embedder(encoder)
+                       else build_encoder(args.encoder or "static"))
+            embed = embedder(encoder)
             factories += [functools.partial(RouterKindPolicy, kind, embed) for kind in kinds]
             if args.baseline:
                 factories.append(functools.partial(_baseline, embed))
         evaluation = evaluate(table, small, large, factories, folds=args.folds, seed=args.seed,
                               target=args.target, profile=profile)
         if args.targets and embed is not None:
-            targets = router_commands.parse_targets(args.targets)
+            targets = train_command.parse_targets(args.targets)
             for kind in kinds:
                 config = TrainConfig(kind=kind, targets=targets, seed=args.seed,
                                      cascade=not args.no_cascade)

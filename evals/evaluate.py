@@ -35,12 +35,17 @@ class PolicyResult:
     whole_policy: bool = False  # a calibrated policy (router, maybe cascade), not scores alone
 
     def mean(self, key: str) -> float | None:
-        values = [f[key] for f in self.folds if f.get(key) is not None]
-        return float(np.mean(values)) if len(values) == len(self.folds) and values else None
+        values = self._values(key)
+        return float(np.mean(values)) if values else None
 
     def std(self, key: str) -> float | None:
-        values = [f[key] for f in self.folds if f.get(key) is not None]
-        return float(np.std(values)) if len(values) == len(self.folds) and values else None
+        values = self._values(key)
+        return float(np.std(values)) if values else None
+
+    def _values(self, key: str) -> list[float]:
+        """`key` in every fold, or nothing when a fold lacks it."""
+        values = [v for f in self.folds if (v := f.get(key)) is not None]
+        return values if len(values) == len(self.folds) else []
 
 
 @dataclass

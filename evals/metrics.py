@@ -86,7 +86,7 @@ def random_curve(pair: Pair) -> Curve:
 
 def oracle_scores(pair: Pair) -> np.ndarray:
     """The oracle's ranking: prompts where the large model does better go large first."""
-    return pair.quality_small - pair.quality_large
+    return np.asarray(pair.quality_small - pair.quality_large, dtype=float)
 
 
 def pgr(pair: Pair, quality: np.ndarray | float) -> np.ndarray:
@@ -94,7 +94,7 @@ def pgr(pair: Pair, quality: np.ndarray | float) -> np.ndarray:
     if q_l <= q_s:
         raise ValueError("the large model is not better than the small one on these prompts: "
                          "the performance gap is undefined")
-    return (np.asarray(quality) - q_s) / (q_l - q_s)
+    return np.asarray((np.asarray(quality) - q_s) / (q_l - q_s), dtype=float)
 
 
 def apgr(pair: Pair, curve: Curve) -> float:
@@ -115,7 +115,7 @@ def aiq(pair: Pair, curve: Curve) -> float:
     low, high = pair.energy_small.mean(), pair.energy_large.mean()
     if high <= low:
         raise ValueError("the large model does not use more energy than the small one")
-    points = sorted(zip(curve.energy.tolist(), curve.quality.tolist()))
+    points = sorted(zip(curve.energy.tolist(), curve.quality.tolist(), strict=True))
     points = [(low, pair.quality_small.mean()), *points]
     hull = _upper_hull(points)
     xs = np.linspace(low, high, 2001)

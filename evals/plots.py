@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from greenroute.evals.evaluate import ORACLE, RANDOM, Evaluation
+from greenroute.evals.metrics import Curve
 
 QUALITY_ENERGY = "quality_energy.png"
 QUALITY_SHARE = "quality_share.png"
@@ -24,21 +26,24 @@ def write(evaluation: Evaluation, out: Path) -> list[str]:
     ref = evaluation.reference
     small, large = evaluation.small, evaluation.large
     target_quality = evaluation.target * ref[f"quality_{large}"]
-    for name, x_of, x_label in (
-            (QUALITY_ENERGY, lambda c: c.energy, "mean energy per prompt (J)"),
-            (QUALITY_SHARE, lambda c: 100 * c.share, "prompts sent to the large model (%)")):
+    axes_of: tuple[tuple[str, Callable[[Curve], np.ndarray], str], ...] = (
+        (QUALITY_ENERGY, lambda c: c.energy, "mean energy per prompt (J)"),
+        (QUALITY_SHARE, lambda c: 100 * c.share, "prompts sent to the large model (%)"))
+    for name, x_of, x_label in axes_of:
         figure, axes = plt.subplots(figsize=(8.5, 4.5), dpi=120)
-        colors = itertools.cycle(plt.get_cmap("tab20").colors)
+        colors = itertools.cycle([tuple(rgba) for rgba in plt.get_cmap("tab20")(np.arange(20))])
         for result in evaluation.results:
             if result.curve is None:
                 continue
-            style = {RANDOM: dict(color="grey", linestyle="--"),
-                     ORACLE: dict(color="black", linestyle=":")}.get(result.name)
-            if style is None:  # whole calibrated policies dashed beside their scores alone
-                style = dict(color=next(colors), linestyle="--" if result.whole_policy else "-")
+            color: str | tuple[float, ...]
+            if result.name in (RANDOM, ORACLE):
+                color, line = ("grey", "--") if result.name == RANDOM else ("black", ":")
+            else:  # whole calibrated policies dashed beside their scores alone
+                color, line = next(colors), "--" if result.whole_policy else "-"
             x = x_of(result.curve)
             order = np.argsort(x, kind="stable")
-            axes.plot(x[order], result.curve.quality[order], label=result.name, **style)
+            axes.plot(x[order], result.curve.quality[order], label=result.name, color=color,
+                      linestyle=line)
         if name == QUALITY_ENERGY:
             axes.scatter([ref[f"joules_{small}"], ref[f"joules_{large}"]],
                          [ref[f"quality_{small}"], ref[f"quality_{large}"]], color="tab:red",

@@ -6,20 +6,26 @@ Kept apart from evals/evaluate.py so that the harness itself needs no router cod
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from greenroute.evals import metrics
+from greenroute.evals.encoding import Embed
 from greenroute.evals.evaluate import PolicyResult, group_folds
 from greenroute.evals.outcomes import OutcomeTable
+from greenroute.evals.training import (
+    Replay,
+    TierData,
+    TrainConfig,
+    fit_policy,
+    replay,
+    tier_data,
+)
 from greenroute.routers.artifact import Router
 from greenroute.routers.models import Scheme, Target, make
 from greenroute.routers.policy import simulate
-from greenroute.routers.training import TierData, TrainConfig, fit_policy, policy_curve, tier_data
-
-Embed = Callable[[Sequence[str]], np.ndarray]
 
 
 class RouterKindPolicy:
@@ -49,10 +55,21 @@ class TargetResult:
     quality_ratio: list[float] = field(default_factory=list)  # per fold: Q / Q_largest
     energy_saved: list[float] = field(default_factory=list)  # per fold: 1 - E / E_largest
     largest_share: list[float] = field(default_factory=list)
+    # per fold: the saving of the best threshold chosen on the held-out prompts themselves
+    # (the cheapest that meets the target there): what a policy without a guarantee could
+    # at best have saved
+    ideal_saved: list[float] = field(default_factory=list)
 
     @property
     def met(self) -> int:
         return sum(q >= self.target - 1e-9 for q in self.quality_ratio)
+
+    @property
+    def price(self) -> float | None:
+        """The price of the guarantee: mean ideal saving minus mean calibrated saving."""
+        if not self.ideal_saved:
+            return None
+        return float(np.mean(self.ideal_saved) - np.mean(self.energy_saved))
 
 
 def cross_validate_policy(table: OutcomeTable, tiers: Sequence[str], embed: Embed,
@@ -73,7 +90,8 @@ def cross_validate_policy(table: OutcomeTable, tiers: Sequence[str], embed: Embe
         policy, _ = fit_policy(x[train], [table.prompts[i] for i in train], data.subset(train),
                                config)
         held = data.subset(test)
-        curve = policy_curve(policy, x[test], held)
+        outcomes = replay(policy, x[test], held)
+        curve = outcomes.curve()
         result.folds.append(metrics.summarize(pair.subset(test), curve))
         points = len(test) * np.stack([curve.share, curve.quality, curve.energy])
         pooled = points if not pooled.size else pooled + points
@@ -84,6 +102,7 @@ def cross_validate_policy(table: OutcomeTable, tiers: Sequence[str], embed: Embe
             row.quality_ratio.append(float(outcome.quality.mean() / held.quality[:, -1].mean()))
             row.energy_saved.append(float(1 - outcome.energy.mean() / held.energy[:, -1].mean()))
             row.largest_share.append(float((outcome.answered_by == len(tiers) - 1).mean()))
+            row.ideal_saved.append(ideal_saving(outcomes, held, target))
     share, quality, energy = pooled / len(table)  # candidates line up across folds
     result.curve = metrics.Curve(share=share, quality=quality, energy=energy)
     result.whole = metrics.summarize(pair, result.curve)
@@ -98,7 +117,8 @@ def evaluate_artifact(router: Router, table: OutcomeTable, embed: Embed,
     data = tier_data(table, policy.tiers, profile)
     x = embed(table.prompts)
     result = PolicyResult(f"artifact:{router.manifest.get('kind')}", whole_policy=True)
-    result.curve = policy_curve(policy, x, data)
+    outcomes = replay(policy, x, data)
+    result.curve = outcomes.curve()
     result.whole = metrics.summarize(_pair(data), result.curve)
     result.folds = [result.whole]
     p = policy.scores(x)
@@ -109,8 +129,17 @@ def evaluate_artifact(router: Router, table: OutcomeTable, embed: Embed,
         rows.append(TargetResult(result.name, target,
                                  [float(outcome.quality.mean() / data.quality[:, -1].mean())],
                                  [float(1 - outcome.energy.mean() / data.energy[:, -1].mean())],
-                                 [float((outcome.answered_by == len(policy.tiers) - 1).mean())]))
+                                 [float((outcome.answered_by == len(policy.tiers) - 1).mean())],
+                                 [ideal_saving(outcomes, data, target)]))
     return result, rows
+
+
+def ideal_saving(outcomes: Replay, data: TierData, target: float) -> float:
+    """The saving of the cheapest candidate threshold that meets `target` on these very prompts
+    (candidate 0, everything to the largest tier, always does)."""
+    ratio = outcomes.quality.mean(axis=1) / max(float(data.quality[:, -1].mean()), 1e-12)
+    saved = 1 - outcomes.energy.mean(axis=1) / float(data.energy[:, -1].mean())
+    return float(saved[ratio >= target - 1e-9].max())
 
 
 def _pair(data: TierData) -> metrics.Pair:

@@ -38,11 +38,11 @@ def _header(evaluation: Evaluation) -> list[str]:
 def _aligned(rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
-                      enumerate(zip(row, widths))) for row in rows]
+                      enumerate(zip(row, widths, strict=True))) for row in rows]
 
 
 TARGET_HEADER = ["policy", "target", "quality / largest", "energy saved", "largest share",
-                 "target met"]
+                 "target met", "ideal saved", "price of the guarantee"]
 
 
 def _target_rows(evaluation: Evaluation) -> list[list[str]]:
@@ -51,7 +51,9 @@ def _target_rows(evaluation: Evaluation) -> list[list[str]]:
         rows.append([row.policy, f"{row.target:.2f}",
                      _spread(row.quality_ratio, "num"), _spread(row.energy_saved, "pct"),
                      _spread(row.largest_share, "pct"),
-                     f"{row.met}/{len(row.quality_ratio)}"])
+                     f"{row.met}/{len(row.quality_ratio)}",
+                     _spread(row.ideal_saved, "pct") if row.ideal_saved else "-",
+                     f"{100 * row.price:.1f} points" if row.price is not None else "-"])
     return rows
 
 
@@ -119,7 +121,8 @@ def metrics_json(evaluation: Evaluation) -> dict[str, Any]:
             "policies": {r.name: result(r) for r in evaluation.results},
             "targets": [{"policy": r.policy, "target": r.target, "quality_ratio": r.quality_ratio,
                          "energy_saved": r.energy_saved, "largest_share": r.largest_share,
-                         "met": r.met} for r in evaluation.targets]}
+                         "met": r.met, "ideal_saved": r.ideal_saved, "price": r.price}
+                        for r in evaluation.targets]}
 
 
 def write(evaluation: Evaluation, out: Path, plots: list[str]) -> None:

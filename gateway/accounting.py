@@ -1,9 +1,11 @@
 """Per-request accounting: what a request asked for, which models it tried, their tokens and
 energy, and the ledger row it becomes.
 
-The request path only fills in a `RequestRecord` (attribute writes) and tells the energy tracks
-when work begins and ends. The row is handed to the ledger writer once every track it used is
-final, which the device's sampler decides, so nothing here waits for a database or a tick.
+The request path fills in a `RequestRecord` (attribute writes), opens an `Attempt` per model it
+tries, and ends the record in one of three ways: `answer(...)` (a whole answer, which gets its
+energy here), `streaming(...)` (the stream's end finishes it), or `fail(...)` / `gone()`. The
+row is handed to the ledger writer once every track it used is final, which the device's
+sampler decides, so nothing here waits for a database or a tick.
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ from typing import Any
 
 import orjson
 
-from greenroute.backends.base import Backend, Usage
-from greenroute.backends.energy.attribution import Track
+from greenroute.backends.base import Backend, Chunk, Completion, Usage
+from greenroute.backends.energy.attribution import PeriodEnergy, Track
 from greenroute.backends.energy.progress import current_track
 from greenroute.backends.energy.sampler import Fleet
+from greenroute.gateway import headers as h
 from greenroute.gateway.ledger.writer import LedgerWriter
+
+# Status for a client that left before its answer (nginx's convention); never seen by the client.
+CLIENT_CLOSED_REQUEST = 499
 
 
 class Accounting:
@@ -51,7 +57,7 @@ class Attempt:
         self.model_id = backend.model_id
         self.track = track
         # A backend that sees each token reports progress itself (backends/energy/progress.py).
-        self.self_reporting = bool(getattr(backend, "reports_progress", False))
+        self.self_reporting = backend.reports_progress
         self.usage: Usage | None = None
         self.first_output: float | None = None
         self.answered = False
@@ -139,18 +145,55 @@ class RequestRecord:
         self.attempts.append(attempt)
         return attempt
 
-    def output_started(self) -> None:
+    def asked(self, body: dict[str, Any]) -> None:
+        """The request is valid: what it asked for."""
+        self.stream = bool(body.get("stream"))
+        if self.store_text:
+            self.prompt_text = prompt_text(body)
+
+    def answer(self, attempt: Attempt, completion: Completion,
+               headers: dict[str, str]) -> Completion:
+        """`attempt`'s whole answer goes back (a cascade's may not be the last model tried): the
+        request is over. Returns the answer with its energy in `usage.energy_joules`, and puts
+        it in `headers`, when a model tried is metered."""
+        attempt.done(completion.usage)
+        attempt.answered = True
+        if self.ttft_ms is None:  # its first token reaches the client with the last one
+            self.ttft_ms = (time.perf_counter() - self.started) * 1000
+        if self.store_text:
+            self.answer_text = _answer_text(completion)
+        self._finish(200)
+        joules = self._energy(headers)
+        if joules is None:
+            return completion
+        data = completion.parsed()
+        _add_energy(data, joules)
+        return Completion(completion.body, completion.usage, data)
+
+    def streaming(self, attempt: Attempt) -> StreamAccounting:
+        """`attempt`'s stream goes back, from its first batch: what sees it to its end."""
         if self.ttft_ms is None:
             self.ttft_ms = (time.perf_counter() - self.started) * 1000
-        if self.attempts:
-            self.attempts[-1].output_started()
+        attempt.output_started()
+        return StreamAccounting(self, attempt)
 
-    def answered_whole(self) -> None:
-        """A non-streamed answer: its first token reaches the client with the last one."""
-        if self.ttft_ms is None:
-            self.ttft_ms = (time.perf_counter() - self.started) * 1000
+    def fail(self, status: int, code: str | None) -> None:
+        """The request is refused or failed with this status and error code."""
+        self._finish(status, code)
 
-    def finish(self, status: int, error: str | None = None) -> None:
+    def gone(self) -> None:
+        """The client left before its answer (a no-op once the request is over)."""
+        self._finish(CLIENT_CLOSED_REQUEST, "client_closed")
+
+    def _energy(self, headers: dict[str, str]) -> float | None:
+        """The energy so far, also put in `headers` (None: no model tried is metered)."""
+        joules = self.joules()
+        if joules is not None:
+            headers[h.ENERGY] = f"{joules:.6f}"
+            headers[h.ENERGY_SOURCE] = self.energy_source() or ""
+        return joules
+
+    def _finish(self, status: int, error: str | None = None) -> None:
         """The request is over (answered, refused or abandoned): close its attempts; the row
         goes to the ledger as soon as their energy is final."""
         if self._finished:
@@ -159,7 +202,7 @@ class RequestRecord:
         self.status = status
         self.error = error
         if status < 400 and self.attempts and not any(a.answered for a in self.attempts):
-            self.attempts[-1].answered = True  # unless an earlier one was marked as the answer
+            self.attempts[-1].answered = True  # a stream: the last model tried answered
         for attempt in self.attempts:
             attempt.done(None)
         with self._lock:
@@ -232,8 +275,29 @@ class RequestRecord:
         return rows
 
 
-def period_row(period: Any) -> dict[str, Any]:
-    """A device_energy row from a backends.energy.attribution.PeriodEnergy."""
+class StreamAccounting:
+    """Puts the energy into a stream's usage chunk, and finishes its record when it ends (the
+    `StreamObserver` of gateway/streaming.py)."""
+
+    def __init__(self, record: RequestRecord, attempt: Attempt) -> None:
+        self.record = record
+        self.attempt = attempt
+
+    def usage_chunk(self, chunk: Chunk) -> bytes:
+        self.attempt.done(chunk.usage)
+        joules = self.record.joules()
+        if joules is None:
+            return chunk.data
+        data = orjson.loads(chunk.data)
+        _add_energy(data, joules)
+        return orjson.dumps(data)
+
+    def ended(self, status: int, code: str | None) -> None:
+        self.record._finish(status, code)
+
+
+def period_row(period: PeriodEnergy) -> dict[str, Any]:
+    """A device_energy row from a device's settled period."""
     return {"device": period.device, "source": period.source,
             "started": datetime.fromtimestamp(period.started, UTC),
             "ended": datetime.fromtimestamp(period.ended, UTC),
@@ -249,10 +313,17 @@ def prompt_text(body: dict[str, Any]) -> str:
     return orjson.dumps(body.get("prompt")).decode()
 
 
-def with_energy(body: bytes, joules: float) -> bytes:
-    """The answer's JSON with `usage.energy_joules` added (parsed and written once)."""
-    data = orjson.loads(body)
+def _add_energy(data: dict[str, Any], joules: float) -> None:
+    """The one place energy enters an answer: `usage.energy_joules`, beside its tokens."""
     usage = data.get("usage")
     if isinstance(usage, dict):
         usage["energy_joules"] = round(joules, 6)
-    return orjson.dumps(data)
+
+
+def _answer_text(completion: Completion) -> str | None:
+    try:
+        choice = completion.parsed()["choices"][0]
+        text = choice.get("text") if "text" in choice else choice["message"].get("content")
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+    return text if isinstance(text, str) else None

@@ -26,7 +26,7 @@ from greenroute.backends.energy.prometheus import CONTENT_TYPE, DCGM_ENERGY, ren
 log = logging.getLogger("greenroute.agent")
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = commands.add_parser(
         "agent", help="serve this host's GPU energy counters for a remote gateway",
         description="Serve NVML's cumulative energy counters of this host's GPUs at /metrics, "

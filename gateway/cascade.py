@@ -59,7 +59,7 @@ def logprob_content(endpoint: Endpoint, answer: dict[str, Any]) -> list[dict[str
     tops = logprobs.get("top_logprobs") or [None] * len(tokens)
     return [{"token": t, "logprob": v if v is not None else -math.inf,
              "top_logprobs": [{"token": a, "logprob": b} for a, b in (top or {}).items()]}
-            for t, v, top in zip(tokens, values, tops)]
+            for t, v, top in zip(tokens, values, tops, strict=False)]
 
 
 def client_view(endpoint: Endpoint, body: dict[str, Any], answer: dict[str, Any]

@@ -1,21 +1,31 @@
-"""The `greenroute` command: `serve` the gateway, fetch the embedded default's `models`; the
-ledger's `report` and `agent`, the eval harness's `collect`, `eval` and `outcomes`, and the
-router's `train` register themselves from their own modules."""
+"""The `greenroute` command, the top of the import graph: `serve` the gateway and fetch the
+embedded default's `models` here; every other subcommand registers its own parsers from its own
+module, imported only when that subcommand is run (or for `greenroute --help`), so `greenroute
+serve` loads neither the eval harness nor its plotting and training code."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
 
 from greenroute.backends import weights
-from greenroute.evals import commands as eval_commands
-from greenroute.gateway import agent, report
+from greenroute.backends.registry import BACKENDS, prepare_tiers
 from greenroute.gateway.config import CONFIG_ENV, ConfigError, GatewayConfig, load_config
-from greenroute.routers import commands as router_commands
-from greenroute.routers.artifact import ArtifactError
-from greenroute.routers.encoders import EncoderError
+
+# Subcommand -> the module whose `add_parsers(commands)` registers it (tests/test_layers.py
+# checks that this lists every command those modules register).
+COMMANDS: dict[str, str] = {
+    "collect": "greenroute.evals.commands",
+    "eval": "greenroute.evals.commands",
+    "outcomes": "greenroute.evals.commands",
+    "train": "greenroute.evals.train_command",
+    "report": "greenroute.gateway.report",
+    "agent": "greenroute.gateway.agent",
+}
+OWN_COMMANDS = ("serve", "models")
 
 SERVE_EPILOG = f"""\
 configuration:
@@ -23,7 +33,7 @@ configuration:
   (Qwen2.5-Coder-0.5B-Instruct) and `large` (Qwen2.5-Coder-1.5B-Instruct) on llama.cpp, CPU only,
   no API key, and model `green` routed by the router shipped for them. A TOML file declares
   [server] (host, port, max_body_bytes, log_level), one [[tiers]] table per model (name,
-  backend = openai|llamacpp|litellm, model, url, path or weights, api_key_env, threads, context,
+  backend = {'|'.join(BACKENDS)}, model, url, path or weights, api_key_env, threads, context,
   max_queue, energy_hint, aliases, timeout_s, connect_timeout_s, max_connections, meter),
   optional [[keys]] (id, key or key_env), [router] (enabled, path to a `greenroute train`
   artifact, default_target, cascade_max_tokens), [energy] (interval_ms, period_s,
@@ -39,6 +49,13 @@ environment:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    return int(args.handler(args))
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser for this command line: with only the subcommand modules it needs."""
     parser = argparse.ArgumentParser(prog="greenroute", description=(
         "GreenRoute: an OpenAI-compatible gateway that sends each request to the smallest "
         "model that answers it well."))
@@ -69,13 +86,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     serve.set_defaults(handler=_serve)
     models.set_defaults(handler=_models)
-    eval_commands.add_parsers(commands)
-    router_commands.add_parsers(commands)
-    report.add_parser(commands)
-    agent.add_parser(commands)
+    for module in registering_modules(argv):
+        importlib.import_module(module).add_parsers(commands)
+    return parser
 
-    args = parser.parse_args(argv)
-    return int(args.handler(args))
+
+def registering_modules(argv: Sequence[str]) -> list[str]:
+    """The modules to import for this command line: none for `serve` and `models`, the one
+    that registers any other known subcommand, and all of them otherwise (help, a typo)."""
+    command = argv[0] if argv else None
+    if command in OWN_COMMANDS:
+        return []
+    if command in COMMANDS:
+        return [COMMANDS[command]]
+    return list(dict.fromkeys(COMMANDS.values()))
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -100,6 +124,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from greenroute.backends.energy.meter import MeterError
     from greenroute.gateway.app import create_app
+    from greenroute.routers.artifact import ArtifactError
+    from greenroute.routers.encoders import EncoderError
 
     try:
         config = _with_overrides(load_config(args.config), args)
@@ -109,8 +135,8 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=config.server.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        weights.ensure_for_tiers(config.tiers, fetch=not args.no_fetch,
-                                 log=lambda line: print(line, file=sys.stderr))
+        prepare_tiers(config.tiers, fetch=not args.no_fetch,
+                      log=lambda line: print(line, file=sys.stderr))
     except weights.WeightsError as exc:
         print(f"greenroute serve: {exc}", file=sys.stderr)
         return 1

@@ -2,7 +2,9 @@
 
 The file declares the model tiers (ordered by their energy hint, cheapest first), the listen
 address, request limits and API keys. Every field is validated on load, so a typo fails at
-start-up with the field's name instead of at the first request.
+start-up with the field's name instead of at the first request. The schemas of a tier and of
+its meter live with the backends and meters (`backends/registry.py`,
+`backends/energy/registry.py`); this module composes them with the gateway's own sections.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from greenroute.backends.registry import TierConfig
 
 CONFIG_ENV = "GREENROUTE_CONFIG"
 RESERVED_MODEL = "green"
@@ -29,78 +33,6 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class MeterConfig(_Strict):
-    """Which energy counter sees a tier's work (docs/energy.md). Tiers with the same meter share
-    one device group: its energy is split between their requests."""
-
-    kind: Literal["estimate", "nvml", "rapl", "prometheus", "none"]
-    # nvml: GPU indices to sum. prometheus: values of the `gpu` label to sum (empty: all).
-    gpus: tuple[int, ...] = ()
-    # prometheus: the exporter's URL (DCGM exporter, or `greenroute agent`), series and unit.
-    url: str | None = None
-    metric: str = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"
-    joules_per_unit: float = Field(default=0.001, gt=0)  # DCGM reports millijoules
-    timeout_s: float = Field(default=2.0, gt=0)
-    # estimate: watts per busy core (Cloud Carbon Footprint's AWS average, docs/energy.md).
-    watts_per_core: float = Field(default=3.5, gt=0)
-    # rapl: the powercap tree.
-    rapl_root: str = "/sys/class/powercap"
-
-    @model_validator(mode="after")
-    def _check_kind_fields(self) -> MeterConfig:
-        if self.kind == "nvml" and not self.gpus:
-            raise ValueError("meter 'nvml' needs gpus (NVML indices)")
-        if self.kind == "prometheus" and not self.url:
-            raise ValueError("meter 'prometheus' needs url")
-        return self
-
-
-class TierConfig(_Strict):
-    """One model the gateway can send requests to."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
-    backend: Literal["openai", "llamacpp", "litellm"]
-    # openai / litellm: the upstream's model id. llamacpp: the id reported to clients.
-    model: str | None = None
-    # openai: base URL ending in /v1. litellm: optional api_base.
-    url: str | None = None
-    api_key: str | None = None
-    api_key_env: str | None = None
-    # llamacpp: a GGUF file, or the name of default weights fetched by `greenroute models`.
-    path: str | None = None
-    weights: str | None = None
-    threads: int | None = Field(default=None, ge=1)
-    context: int = Field(default=4096, ge=256)
-    max_queue: int = Field(default=32, ge=1)
-    # Relative energy per token; orders the tiers (smallest first) for routing.
-    energy_hint: float = Field(default=1.0, gt=0)
-    aliases: tuple[str, ...] = ()
-    timeout_s: float = Field(default=120.0, gt=0)
-    connect_timeout_s: float = Field(default=5.0, gt=0)
-    max_connections: int = Field(default=256, ge=1)
-    # The energy meter; default: `estimate` for llamacpp (this process's CPU), none otherwise.
-    meter: MeterConfig | None = None
-
-    @model_validator(mode="after")
-    def _check_backend_fields(self) -> TierConfig:
-        for name in (self.name, *self.aliases):
-            if is_reserved(name):
-                raise ValueError(f"model name {name!r} is reserved for routing")
-        if self.backend == "openai" and not self.url:
-            raise ValueError(f"tier {self.name!r}: backend 'openai' needs url")
-        if self.backend in ("openai", "litellm") and not self.model:
-            raise ValueError(f"tier {self.name!r}: backend {self.backend!r} needs model")
-        if self.backend == "llamacpp" and bool(self.path) == bool(self.weights):
-            raise ValueError(f"tier {self.name!r}: backend 'llamacpp' needs exactly one of "
-                             "path or weights")
-        return self
-
-    def resolved_api_key(self) -> str | None:
-        if self.api_key_env:
-            return os.environ.get(self.api_key_env)
-        return self.api_key
 
 
 class KeyConfig(_Strict):
@@ -163,6 +95,9 @@ class RouterConfig(_Strict):
     # Quality target when a request names none (share of the largest tier's quality);
     # default: the artifact's own (0.95 for the shipped one).
     default_target: float | None = Field(default=None, gt=0, le=1)
+    # The guarantee's risk: each target holds with probability 1 - delta. Picks the thresholds
+    # the artifact calibrated at that delta (`greenroute train --delta`); default: its own.
+    delta: float | None = Field(default=None, gt=0, lt=1)
     # Longest answer a cascade stage may give before it is judged; a longer one escalates.
     cascade_max_tokens: int = Field(default=512, ge=1)
 
@@ -182,6 +117,8 @@ class GatewayConfig(_Strict):
         seen: set[str] = set()
         for tier in self.tiers:
             for name in (tier.name, *tier.aliases):
+                if is_reserved(name):
+                    raise ValueError(f"model name {name!r} is reserved for routing")
                 if name in seen:
                     raise ValueError(f"model name {name!r} is declared twice")
                 seen.add(name)

@@ -25,7 +25,9 @@ from typing import Any
 import orjson
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import col
 
+from greenroute.gateway import labels
 from greenroute.gateway.config import (
     CONFIG_ENV,
     ConfigError,
@@ -42,7 +44,7 @@ _SPAN = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = commands.add_parser(
         "report", help="energy report from the ledger (read-only)",
         description="Totals and breakdowns of the energy ledger over a time window: requests, "
@@ -69,7 +71,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
                              "grid_gco2_per_kwh, else 436, Ember's world average)")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
     parser.add_argument("--plot", metavar="PNG", help="also draw energy over time and joules "
-                        "per token by model into this PNG (needs matplotlib)")
+                        "per token by model into this PNG (with --labels: the cards; needs "
+                        "matplotlib)")
+    label_options = parser.add_argument_group("energy labels")
+    label_options.add_argument("--labels", action="store_true",
+                        help="instead of the report, one card per tier: Wh per 1k requests "
+                             "and per 1k output tokens, gCO2 per 1k requests, a rating from A "
+                             "to E against the most efficient tier, the energy source")
+    label_options.add_argument("--outcomes", metavar="PATH",
+                        help="with --labels: an outcome table (greenroute collect) whose "
+                             "mean quality per model goes on the matching tier's card")
     parser.set_defaults(handler=run)
 
 
@@ -123,14 +134,14 @@ def read_ledger(engine: Engine, start: datetime | None, end: datetime | None) ->
             raise store.LedgerError("this database has no GreenRoute ledger")
         requests = [RequestRow.model_validate(r._mapping) for r in connection.execute(
             select(RequestRow).where(*_between(RequestRow.created, start, end))
-            .order_by(RequestRow.created))]
+            .order_by(col(RequestRow.created)))]
         ids = {r.id for r in requests}
         attempts = [AttemptRow.model_validate(r._mapping) for r in connection.execute(
-            select(AttemptRow).join(RequestRow, RequestRow.id == AttemptRow.request_id)
+            select(AttemptRow).join(RequestRow, col(RequestRow.id) == col(AttemptRow.request_id))
             .where(*_between(RequestRow.created, start, end)))]
         devices = [DeviceEnergyRow.model_validate(r._mapping) for r in connection.execute(
             select(DeviceEnergyRow).where(*_between(DeviceEnergyRow.started, start, end))
-            .order_by(DeviceEnergyRow.started))]
+            .order_by(col(DeviceEnergyRow.started)))]
     assert all(a.request_id in ids for a in attempts)
     return Ledger(requests, attempts, devices)
 
@@ -138,7 +149,7 @@ def read_ledger(engine: Engine, start: datetime | None, end: datetime | None) ->
 def all_attempts_of(engine: Engine, tier: str) -> list[AttemptRow]:
     with engine.connect() as connection:
         return [AttemptRow.model_validate(r._mapping) for r in connection.execute(
-            select(AttemptRow).where(AttemptRow.tier == tier))]
+            select(AttemptRow).where(col(AttemptRow.tier) == tier))]
 
 
 # -- figures ----------------------------------------------------------------------------------
@@ -342,7 +353,7 @@ def plot(ledger: Ledger, path: str, source_note: str) -> None:
         for model in models:
             values = [series[model].get(s, 0.0) for s in slots]
             left.bar([s / bucket for s in slots], values, bottom=bottom, label=model, width=0.9)
-            bottom = [b + v for b, v in zip(bottom, values)]
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
         left.set_xlabel(f"time since {first:%Y-%m-%d %H:%M:%S} UTC ({bucket:g} s bins)")
         left.legend()
         per_model = breakdown(rows, "model", 0.0)
@@ -387,6 +398,9 @@ def run(args: argparse.Namespace) -> int:
         start, end = window(args.since, args.start, args.end)
         engine = store.open_engine(url, read_only=True)
         ledger = read_ledger(engine, start, end)
+        if args.labels:
+            engine.dispose()
+            return run_labels(args, ledger, grid=grid, start=start, end=end, database=url)
         largest, how = _largest(config)
         report = build_report(ledger, engine, grid=grid, dimensions=dimensions,
                               largest=largest, largest_how=how, start=start, end=end,
@@ -399,7 +413,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"greenroute report: {exc}", file=sys.stderr)
         return 2
     if args.format == "json":
-        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+        _write_json(report)
     elif args.format == "csv":
         buffer = io.StringIO()
         render_csv(report, buffer)
@@ -407,3 +421,42 @@ def run(args: argparse.Namespace) -> int:
     else:
         render_table(report, sys.stdout)
     return 0
+
+
+def run_labels(args: argparse.Namespace, ledger: Ledger, *, grid: float, start: datetime | None,
+               end: datetime | None, database: str) -> int:
+    """`--labels`: the tiers' cards instead of the report, in the same window and formats."""
+    cards = labels.tier_labels(ledger.attempts, grid)
+    if args.outcomes:
+        cards = labels.with_quality(cards, args.outcomes)
+    span = f"from {_day(start) or 'the start'} to {_day(end) or 'now'} (UTC)"
+    header = f"{span}; grid {grid:g} gCO2/kWh"
+    if args.plot:
+        labels.plot_cards(cards, args.plot, f"{_short(database)}\n{header}")
+    if args.format == "json":
+        _write_json({"database": database,
+                     "window": {"from": start.isoformat() if start else None,
+                                "to": end.isoformat() if end else None},
+                     "grid_gco2_per_kwh": grid, "outcomes": args.outcomes,
+                     "rating_scale": labels.RATING_SCALE, "labels": cards,
+                     "notes": labels.notes(cards)})
+    elif args.format == "csv":
+        csv.writer(sys.stdout).writerows(labels.csv_rows(cards))
+    else:
+        labels.render_cards(cards, f"[bold]GreenRoute energy labels[/bold]  {database}  "
+                                   f"{header}",
+                            sys.stdout)
+    return 0
+
+
+def _short(database: str, keep: int = 70) -> str:
+    """A ledger's URL that fits under a card: its end, where the file name is."""
+    return database if len(database) <= keep else "..." + database[-keep + 3:]
+
+
+def _day(value: datetime | None) -> str | None:
+    return value.strftime("%Y-%m-%d %H:%M") if value else None
+
+
+def _write_json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")

@@ -57,7 +57,7 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
 
 
-_ADAPTERS = {
+_ADAPTERS: dict[type[_Sampling], TypeAdapter[Any]] = {
     ChatCompletionRequest: TypeAdapter(ChatCompletionRequest),
     CompletionRequest: TypeAdapter(CompletionRequest),
 }

@@ -17,7 +17,7 @@ import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from greenroute.backends.base import BackendError, Chunk
+from greenroute.backends.base import BackendError, Chunk, ChunkStream
 from greenroute.gateway.errors import APIError, server_error
 
 log = logging.getLogger("greenroute.gateway")
@@ -64,15 +64,15 @@ class StreamObserver(Protocol):
     def ended(self, status: int, code: str | None) -> None: ...
 
 
-async def sse_events(first: Sequence[Chunk] | None, rest: AsyncIterator[Sequence[Chunk]],
-                     include_usage: bool,
+async def sse_events(first: Sequence[Chunk] | None, rest: ChunkStream, include_usage: bool,
                      observer: StreamObserver | None = None) -> AsyncIterator[bytes]:
     """Encode batches of chunks as SSE, one write per batch; a failure after the first byte
     becomes an error event.
 
     The usage-only chunk is forwarded only to clients that asked for it, as OpenAI does.
     """
-    status, code = 499, "client_closed"  # unless it gets to the end or to an error
+    status: int = 499  # unless it gets to the end or to an error
+    code: str | None = "client_closed"
     try:
         batch = first
         while batch is not None:

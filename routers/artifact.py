@@ -1,8 +1,9 @@
 """The router artifact: a directory holding everything `green` needs to route, versioned.
 
     manifest.json         format and version, tiers, encoder (kind, name, fingerprint, dims),
-                          router kind, label scheme, thresholds per quality target, the
-                          training data's sha256 and size, validation metrics
+                          router kind, label scheme, thresholds per quality target (those of
+                          the served delta, and per delta every calibrated one), the training
+                          data's sha256 and size, validation metrics
     encoder/              a static encoder's files, when the artifact carries its own
     step-<tier>.npz       per tier but the largest: router, confidence model, keep table
 
@@ -68,14 +69,14 @@ def save(path: str | Path, policy: RoutingPolicy, encoder: Encoder,
         if step.keep_edges is not None and step.keep_rates is not None:
             arrays |= {"keep.edges": step.keep_edges, "keep.rates": step.keep_rates}
         file = f"step-{step.tier}.npz"
-        np.savez_compressed(staging / file, **arrays)
+        np.savez_compressed(staging / file, allow_pickle=False, **arrays)
         steps.append({"tier": step.tier, "file": file, "cascade": step.confidence is not None})
     full = {
         "format": FORMAT, "version": VERSION, **manifest, "tiers": policy.tiers,
         "encoder": encoder_spec, "steps": steps, "energy_per_prompt": policy.energy.tolist(),
-        "thresholds": {f"{t:.2f}": (None if c is None else {"candidate": c,
-                                                            "threshold": float(CANDIDATES[c])})
-                       for t, c in sorted(policy.thresholds.items())},
+        "thresholds": _thresholds_json(policy.thresholds),
+        "thresholds_by_delta": {f"{d:g}": _thresholds_json(by_target)
+                                for d, by_target in sorted(policy.by_delta.items())},
     }
     (staging / "manifest.json").write_text(json.dumps(full, indent=2) + "\n")
     shutil.rmtree(path, ignore_errors=True)
@@ -86,7 +87,7 @@ def save(path: str | Path, policy: RoutingPolicy, encoder: Encoder,
 def read_manifest(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
+        manifest: dict[str, Any] = json.loads((path / "manifest.json").read_text())
     except FileNotFoundError:
         raise ArtifactError(f"{path}: no router artifact here (manifest.json missing)") from None
     except json.JSONDecodeError as exc:
@@ -101,8 +102,20 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load(path: str | Path, encoder: Encoder | None = None) -> Router:
-    """Load an artifact; `encoder` overrides the one it names, and must be the same one."""
+def _thresholds_json(thresholds: dict[float, int | None]) -> dict[str, Any]:
+    return {f"{t:.2f}": (None if c is None else {"candidate": c,
+                                                 "threshold": float(CANDIDATES[c])})
+            for t, c in sorted(thresholds.items())}
+
+
+def _thresholds(stored: dict[str, Any]) -> dict[float, int | None]:
+    return {float(t): (None if v is None else int(v["candidate"])) for t, v in stored.items()}
+
+
+def load(path: str | Path, encoder: Encoder | None = None,
+         delta: float | None = None) -> Router:
+    """Load an artifact; `encoder` overrides the one it names, and must be the same one;
+    `delta` picks the thresholds calibrated at that risk (default: the artifact's own)."""
     path = Path(path)
     manifest = read_manifest(path)
     spec = manifest["encoder"]
@@ -122,16 +135,32 @@ def load(path: str | Path, encoder: Encoder | None = None) -> Router:
     for entry in manifest["steps"]:
         with np.load(path / entry["file"]) as stored:
             arrays = dict(stored)
-        part = lambda prefix: {k.split(".", 1)[1]: v for k, v in arrays.items()  # noqa: E731
-                               if k.startswith(prefix + ".")}
-        step = Step(tier=entry["tier"], router=from_state(manifest["kind"], part("router")))
+        step = Step(tier=entry["tier"],
+                    router=from_state(manifest["kind"], _prefixed(arrays, "router")))
         if entry.get("cascade"):
-            step.confidence = ConfidenceModel.from_state(part("confidence"))
+            step.confidence = ConfidenceModel.from_state(_prefixed(arrays, "confidence"))
             step.keep_edges, step.keep_rates = arrays["keep.edges"], arrays["keep.rates"]
         steps.append(step)
-    thresholds = {float(t): (None if v is None else int(v["candidate"]))
-                  for t, v in manifest["thresholds"].items()}
+    by_delta = {float(d): _thresholds(t)
+                for d, t in manifest.get("thresholds_by_delta", {}).items()}
+    served = manifest.get("delta")
+    if served is not None:
+        by_delta.setdefault(float(served), _thresholds(manifest["thresholds"]))
     policy = RoutingPolicy(tiers=list(manifest["tiers"]), steps=steps,
                            energy=np.asarray(manifest["energy_per_prompt"], dtype=float),
-                           thresholds=thresholds)
+                           thresholds=_thresholds(manifest["thresholds"]), by_delta=by_delta)
+    if delta is not None:
+        try:
+            policy.use_delta(delta)
+        except KeyError:
+            known = ", ".join(f"{d:g}" for d in sorted(by_delta)) or "none recorded"
+            raise ArtifactError(f"{path} has no thresholds calibrated at delta {delta:g} "
+                                f"(calibrated: {known}); retrain with `greenroute train "
+                                f"--delta {delta:g}`") from None
     return Router(encoder=encoder, policy=policy, manifest=manifest, path=path)
+
+
+def _prefixed(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """The arrays saved under `prefix.`, without it."""
+    return {key.split(".", 1)[1]: value for key, value in arrays.items()
+            if key.startswith(prefix + ".")}

@@ -75,13 +75,13 @@ class Choice:
     bound: float  # the lower confidence bound of E[q_routed - target x q_large]
 
 
-def choose(quality: Sequence[np.ndarray], energy: Sequence[np.ndarray],
+def choose(quality: Sequence[np.ndarray] | np.ndarray, energy: Sequence[np.ndarray] | np.ndarray,
            quality_large: np.ndarray, energy_large: np.ndarray, target: float,
            delta: float = DEFAULT_DELTA) -> Choice:
     """Pick among candidates (ordered from most conservative to cheapest): `quality[c]` and
     `energy[c]` are per-prompt outcomes on the calibration prompts under candidate c."""
     accepted: list[tuple[float, int, float]] = []
-    for index, (q, e) in enumerate(zip(quality, energy)):
+    for index, (q, e) in enumerate(zip(quality, energy, strict=True)):
         margin = q - target * quality_large
         bound = betting_lower_bound(margin, -1.0, 1.0, delta)
         if bound < 0.0:

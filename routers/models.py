@@ -26,11 +26,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol, Self
 
 import numpy as np
 
-KINDS = ("knn", "logistic", "mlp", "mf", "ensemble")
 Scheme = Literal["gap", "only-large"]
 
 
@@ -51,29 +50,38 @@ class Target:
     def labels(self) -> np.ndarray:
         gap = np.asarray(self.quality_small, dtype=float) - self.quality_large + self.tolerance
         if self.scheme == "only-large":
-            return (gap >= -1e-9).astype(float)
-        return (1.0 + np.clip(gap, -1, 1)) / 2.0
+            return np.asarray(gap >= -1e-9, dtype=float)
+        return np.asarray((1.0 + np.clip(gap, -1, 1)) / 2.0, dtype=float)
 
 
 class RouterModel(Protocol):
-    kind: str
+    """What every router kind implements; `ROUTERS` maps each kind's name to its class."""
+
+    kind: ClassVar[str]
 
     def fit(self, x: np.ndarray, target: Target) -> None: ...
 
-    def predict(self, x: np.ndarray) -> np.ndarray: ...
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Per row of x, the probability that the smaller tier answers as well."""
+        ...
 
-    def state(self) -> dict[str, np.ndarray]: ...
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays that `from_state` rebuilds the fitted router from (saved in the artifact)."""
+        ...
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> Self: ...
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -35, 35)))
+    return np.asarray(1.0 / (1.0 + np.exp(-np.clip(z, -35, 35))), dtype=float)
 
 
 class KNNRouter:
     """The weighted share of the k most similar training prompts on which the smaller tier
     did as well; weights are cosine similarity to a power (embeddings are unit vectors)."""
 
-    kind = "knn"
+    kind: ClassVar[str] = "knn"
 
     def __init__(self, k: int = 100, power: float = 1.0) -> None:
         self.k = k
@@ -91,7 +99,8 @@ class KNNRouter:
         nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
         weights = np.maximum(np.take_along_axis(similarity, nearest, axis=1), 0.0) ** self.power
         weights += 1e-6
-        return (weights * self.y[nearest]).sum(axis=1) / weights.sum(axis=1)
+        return np.asarray((weights * self.y[nearest]).sum(axis=1) / weights.sum(axis=1),
+                          dtype=float)
 
     def state(self) -> dict[str, np.ndarray]:
         return {"x": self.x, "y": self.y.astype(np.float32),
@@ -108,7 +117,7 @@ class KNNRouter:
 class LogisticRouter:
     """L2-regularised logistic regression on the embedding, fitted by Newton's method."""
 
-    kind = "logistic"
+    kind: ClassVar[str] = "logistic"
 
     def __init__(self, l2: float = 10.0, steps: int = 25) -> None:
         self.l2 = l2
@@ -165,7 +174,7 @@ class _Adam:
 
     def step(self, grads: list[np.ndarray]) -> None:
         self.t += 1
-        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+        for p, g, m, v in zip(self.params, grads, self.m, self.v, strict=True):
             m *= 0.9
             m += 0.1 * g
             v *= 0.999
@@ -197,7 +206,7 @@ class MLPRouter:
     """One hidden ReLU layer and a sigmoid output, trained full-batch with Adam on log loss;
     stops at the epoch with the best loss on a held-out tenth of the training prompts."""
 
-    kind = "mlp"
+    kind: ClassVar[str] = "mlp"
 
     def __init__(self, hidden: int = 64, l2: float = 1e-3, epochs: int = 400,
                  rate: float = 3e-3, seed: int = 0) -> None:
@@ -252,7 +261,7 @@ class MFRouter:
     p = (1 + P(small right) - P(large right) + tolerance) / 2, or for the "only-large"
     scheme 1 - P(large right) x (1 - P(small right))."""
 
-    kind = "mf"
+    kind: ClassVar[str] = "mf"
 
     def __init__(self, dim: int = 64, l2: float = 1e-3, epochs: int = 300, rate: float = 1e-2,
                  seed: int = 0) -> None:
@@ -295,7 +304,8 @@ class MFRouter:
         right = self._right(self.params, np.asarray(x, dtype=float))
         if self.scheme == "only-large":
             return 1.0 - right[:, 1] * (1.0 - right[:, 0])
-        return np.clip((1.0 + right[:, 0] - right[:, 1] + self.tolerance) / 2.0, 0.0, 1.0)
+        return np.asarray(np.clip((1.0 + right[:, 0] - right[:, 1] + self.tolerance) / 2.0,
+                                  0.0, 1.0), dtype=float)
 
     def state(self) -> dict[str, np.ndarray]:
         return {f"p{i}": p for i, p in enumerate(self.params)} | {
@@ -318,21 +328,21 @@ class EnsembleRouter:
     Its parts keep these labels whatever `Target.scheme` says. The mix was chosen by 5-fold
     cross-validation on RouteLLM's MMLU outcomes (docs/routing.md), where it beat each part."""
 
-    kind = "ensemble"
-    PARTS: tuple[tuple[str, Scheme, dict[str, float]], ...] = (
-        ("knn", "gap", {"k": 100}), ("knn", "only-large", {"k": 50}), ("logistic", "gap", {}))
+    kind: ClassVar[str] = "ensemble"
+    PARTS: ClassVar[tuple[tuple[Callable[[], RouterModel], Scheme], ...]] = (
+        (lambda: KNNRouter(k=100), "gap"), (lambda: KNNRouter(k=50), "only-large"),
+        (LogisticRouter, "gap"))
 
     def __init__(self) -> None:
-        self.parts: list[RouterModel] = [ROUTERS[kind](**options)
-                                         for kind, _, options in self.PARTS]
+        self.parts: list[RouterModel] = [build() for build, _ in self.PARTS]
 
     def fit(self, x: np.ndarray, target: Target) -> None:
-        for part, (_, scheme, _) in zip(self.parts, self.PARTS):
+        for part, (_, scheme) in zip(self.parts, self.PARTS, strict=True):
             part.fit(x, Target(target.quality_small, target.quality_large, target.tolerance,
                                scheme))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return np.mean([part.predict(x) for part in self.parts], axis=0)
+        return np.asarray(np.mean([part.predict(x) for part in self.parts], axis=0), dtype=float)
 
     def state(self) -> dict[str, np.ndarray]:
         return {f"{i}.{key}": value for i, part in enumerate(self.parts)
@@ -341,9 +351,9 @@ class EnsembleRouter:
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray]) -> EnsembleRouter:
         router = cls()
-        router.parts = [ROUTERS[kind].from_state(
+        router.parts = [type(part).from_state(
             {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{i}.")})
-            for i, (kind, _, _) in enumerate(cls.PARTS)]
+            for i, part in enumerate(router.parts)]
         return router
 
 
@@ -352,16 +362,25 @@ def _log_loss(p: np.ndarray, y: np.ndarray) -> float:
     return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
 
 
-ROUTERS: dict[str, type] = {"knn": KNNRouter, "logistic": LogisticRouter, "mlp": MLPRouter,
-                            "mf": MFRouter, "ensemble": EnsembleRouter}
+# Every router kind, by name: a new kind is one class above and one entry here.
+ROUTERS: dict[str, type[RouterModel]] = {
+    router.kind: router
+    for router in (KNNRouter, LogisticRouter, MLPRouter, MFRouter, EnsembleRouter)}
+KINDS = tuple(ROUTERS)
 
 
-def make(kind: str) -> RouterModel:
+def router_class(kind: str) -> type[RouterModel]:
     try:
-        return ROUTERS[kind]()
+        return ROUTERS[kind]
     except KeyError:
         raise ValueError(f"unknown router kind {kind!r}; known: {', '.join(KINDS)}") from None
 
 
+def make(kind: str) -> RouterModel:
+    """A new, unfitted router of this kind."""
+    return router_class(kind)()
+
+
 def from_state(kind: str, state: dict[str, np.ndarray]) -> RouterModel:
-    return ROUTERS[kind].from_state(state)
+    """A fitted router of this kind, rebuilt from its saved `state()`."""
+    return router_class(kind).from_state(state)

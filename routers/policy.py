@@ -21,7 +21,7 @@ prompts with every tier's recorded outcome), so what is calibrated is what is se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from greenroute.routers.confidence import ConfidenceModel
 from greenroute.routers.models import RouterModel
 
 # Thresholds from "never keep" (everything to the largest tier) down to "always keep".
-CANDIDATES = np.concatenate([[np.inf], np.round(np.linspace(1.0, 0.0, 201), 4)])
+CANDIDATES = np.concatenate([[np.inf], np.round(np.linspace(1.0, 0.0, 1001), 4)])
 
 
 @dataclass
@@ -48,7 +48,7 @@ class Step:
             return np.zeros_like(p)
         bins = np.clip(np.searchsorted(self.keep_edges, p, side="right") - 1, 0,
                        self.keep_rates.shape[1] - 1)
-        return self.keep_rates[candidate, bins]
+        return np.asarray(self.keep_rates[candidate, bins], dtype=float)
 
 
 @dataclass
@@ -57,6 +57,16 @@ class RoutingPolicy:
     steps: list[Step]  # one per tier but the largest
     energy: np.ndarray  # mean joules per prompt of each tier (the skip rule's costs)
     thresholds: dict[float, int | None]  # quality target -> index into CANDIDATES
+    # Every calibration's thresholds by its risk delta (`thresholds` is the one served); empty
+    # until calibrated.
+    by_delta: dict[float, dict[float, int | None]] = field(default_factory=dict)
+
+    def use_delta(self, delta: float) -> None:
+        """Serve the thresholds calibrated at `delta` (KeyError if there are none)."""
+        known = next((d for d in self.by_delta if abs(d - delta) < 1e-9), None)
+        if known is None:
+            raise KeyError(delta)
+        self.thresholds = dict(self.by_delta[known])
 
     def candidate_for(self, target: float) -> int | None:
         """The calibrated threshold for a target; a target between calibrated ones uses the
@@ -103,7 +113,7 @@ class RoutingPolicy:
             return np.zeros(len(p), dtype=bool)
         if step.confidence is None or features is None:
             return np.ones(len(p), dtype=bool)
-        return step.confidence.predict(features, p) >= CANDIDATES[candidate]
+        return np.asarray(step.confidence.predict(features, p) >= CANDIDATES[candidate])
 
 
 @dataclass(frozen=True)

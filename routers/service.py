@@ -12,10 +12,10 @@ import asyncio
 import logging
 import queue
 import threading
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -25,16 +25,42 @@ from greenroute.routers.encoders import StaticEncoder
 from greenroute.routers.features import FEATURES, logprob_features
 from greenroute.routers.policy import CANDIDATES
 
-if TYPE_CHECKING:
-    from greenroute.gateway.config import GatewayConfig
-
 log = logging.getLogger("greenroute.router")
 MAX_BATCH = 64
 # Trained on the embedded tiers' outcomes (evals/outcomes/embedded.jsonl), shipped in the package.
 DEFAULT_ARTIFACT = Path(__file__).resolve().parent / "default"
 
 
-def load_router(config: GatewayConfig) -> RouterService | None:
+class RouterSettings(Protocol):
+    """What `load_router` reads of the `[router]` settings (the gateway's RouterConfig); a
+    Protocol, so that routing does not import the gateway that composes it."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    @property
+    def path(self) -> str | None: ...
+
+    @property
+    def delta(self) -> float | None: ...
+
+
+class NamedTier(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class ServingConfig(Protocol):
+    """The parts of the gateway's configuration that choose the router."""
+
+    @property
+    def router(self) -> RouterSettings: ...
+
+    @property
+    def tiers(self) -> Sequence[NamedTier]: ...
+
+
+def load_router(config: ServingConfig) -> RouterService | None:
     """The router for model `green`: the configured artifact (an error if it cannot serve these
     tiers), else the shipped one when every tier it routes between is configured, else none."""
     settings = config.router
@@ -42,7 +68,7 @@ def load_router(config: GatewayConfig) -> RouterService | None:
         return None
     configured = {tier.name for tier in config.tiers}
     if settings.path:
-        router = artifact.load(settings.path)
+        router = artifact.load(settings.path, delta=settings.delta)
         missing = [t for t in router.policy.tiers if t not in configured]
         if missing:
             raise ArtifactError(f"router {settings.path} routes between "
@@ -57,16 +83,14 @@ def load_router(config: GatewayConfig) -> RouterService | None:
                  "configured; set [router] path to a router trained for these tiers",
                  ", ".join(tiers))
         return None
-    return RouterService(artifact.load(DEFAULT_ARTIFACT))
+    return RouterService(artifact.load(DEFAULT_ARTIFACT, delta=settings.delta))
 
 
 @dataclass(frozen=True)
 class Decision:
-    target: float
     candidate: int | None  # the calibrated threshold's index; None: everything to the largest
     scores: tuple[float, ...]  # router score per step (tier but the largest)
     plan: tuple[str, ...]  # tiers to try in order; all but the last are cascade stages
-    seconds: float  # time taken to decide
 
 
 class RouterService:
@@ -89,7 +113,6 @@ class RouterService:
         return self.router.default_target
 
     async def decide(self, text: str, target: float) -> Decision:
-        started = time.perf_counter()
         if self.inline:
             x = self.router.encoder.encode([text])
         else:
@@ -97,17 +120,15 @@ class RouterService:
             future: asyncio.Future[np.ndarray] = loop.create_future()
             self._queue.put((text, future, loop))
             x = (await future)[None, :]
-        return self.decision(x, target, started)
+        return self.decision(x, target)
 
-    def decision(self, x: np.ndarray, target: float, started: float) -> Decision:
+    def decision(self, x: np.ndarray, target: float) -> Decision:
         policy = self.policy
         p = policy.scores(x)
         candidate = policy.candidate_for(target)
         tried = policy.plans(p, candidate)[0]
-        plan = tuple(tier for tier, used in zip(policy.tiers, tried) if used)
-        return Decision(target=target, candidate=candidate,
-                        scores=tuple(float(s) for s in p[0]), plan=plan,
-                        seconds=time.perf_counter() - started)
+        plan = tuple(tier for tier, used in zip(policy.tiers, tried, strict=True) if used)
+        return Decision(candidate=candidate, scores=tuple(float(s) for s in p[0]), plan=plan)
 
     def keep(self, decision: Decision, tier: str, logprobs: list[dict[str, Any]] | None
              ) -> tuple[bool, float | None]:
@@ -147,7 +168,7 @@ class RouterService:
                 for _, future, loop in batch:
                     loop.call_soon_threadsafe(_fail, future, exc)
                 continue
-            for (_, future, loop), row in zip(batch, rows):
+            for (_, future, loop), row in zip(batch, rows, strict=True):
                 loop.call_soon_threadsafe(_resolve, future, row)
 
 

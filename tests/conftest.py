@@ -1,5 +1,10 @@
 """Shared fixtures: a real gateway process on loopback, in front of the real embedded SmolLM2
 model and of fake OpenAI-protocol upstreams, reached with the real `openai` client.
+
+One process serves the whole session (tests/test_embedded.py, test_http_backend.py,
+test_green.py, test_errors.py): starting `greenroute serve` and loading a model is most of what
+such a test costs. Gateway logic (errors, routing, failover, ledger rows) is tested in process
+instead, with fake backends (tests/fake_backends.py, tests/test_app_*.py).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from routing_fixtures import handmade_artifact
 
 from greenroute.backends import weights
 from greenroute.backends.fake_openai import DyingServer, FakeUpstream, free_port
@@ -30,10 +36,11 @@ class Gateway:
     root: str
     process: subprocess.Popen[bytes]
     log: Path
+    ledger: Path | None = None  # the SQLite ledger, when the config names its path
 
 
 def start_gateway(config_text: str, tmp: Path, name: str = "gateway",
-                  server: str = "") -> Gateway:
+                  server: str = "", ledger: Path | None = None) -> Gateway:
     """Run `greenroute serve` on a free port with this config; wait until it answers."""
     port = free_port()
     config = tmp / f"{name}.toml"
@@ -49,7 +56,8 @@ def start_gateway(config_text: str, tmp: Path, name: str = "gateway",
             raise RuntimeError(f"gateway exited: {log.read_text()}")
         try:
             if httpx.get(root + "/v1/models", timeout=1).status_code in (200, 401):
-                return Gateway(url=root + "/v1", root=root, process=process, log=log)
+                return Gateway(url=root + "/v1", root=root, process=process, log=log,
+                               ledger=ledger)
         except httpx.TransportError:
             pass
         time.sleep(0.1)
@@ -94,7 +102,13 @@ def upstream() -> Iterator[FakeUpstream]:
 @pytest.fixture(scope="session")
 def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path,
             upstream: FakeUpstream) -> Iterator[Gateway]:
+    """Every kind of tier, and model `green` over `tiny` and `echo` with a hand-made router:
+    `tiny` is a cascade stage whose answers always have confidence 0.5, `echo` the largest
+    tier; target 0.5 (the default) keeps tiny's answer, 0.9 escalates it, 1.0 skips it."""
     tmp = tmp_path_factory.mktemp("gateway")
+    router = handmade_artifact(tmp, steps=[("tiny", 0.6, 0.5)], largest="echo",
+                               energy=[1.0, 5.0], thresholds={0.5: 0.3, 0.9: 0.7, 1.0: None})
+    ledger = tmp / "ledger.db"
     with DyingServer() as dying, DyingServer(after_headers=True) as dying_midstream:
         refused = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
         tiers = [
@@ -118,7 +132,10 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path,
         ]
         text = "\n".join(f'[[tiers]]\nname = "{name}"\nbackend = "{kind}"\n{extra}\n'
                          for name, kind, extra in tiers)
-        gw = start_gateway(text, tmp, server=f"max_body_bytes = {MAX_BODY}")
+        text += (f'[router]\npath = "{router}"\ndefault_target = 0.5\n'
+                 f'cascade_max_tokens = 64\n\n'
+                 f'[ledger]\npath = "{ledger}"\nflush_interval_s = 0.1\n')
+        gw = start_gateway(text, tmp, server=f"max_body_bytes = {MAX_BODY}", ledger=ledger)
         try:
             yield gw
         finally:

@@ -1,4 +1,5 @@
-"""Configuration loading, the GGUF header reader, weights assembly and the CLI's help."""
+"""Configuration loading, the backend and meter registries, the GGUF header reader, weights
+assembly and the CLI's help."""
 
 from __future__ import annotations
 
@@ -12,6 +13,18 @@ import pytest
 from conftest import GREENROUTE, REPO
 
 from greenroute.backends import gguf, weights
+from greenroute.backends.base import Backend
+from greenroute.backends.energy.estimate import DEFAULT_WATTS_PER_CORE
+from greenroute.backends.energy.prometheus import DCGM_ENERGY
+from greenroute.backends.energy.registry import METERS, MeterConfig
+from greenroute.backends.energy.select import meter_config
+from greenroute.backends.registry import (
+    BACKENDS,
+    BackendKind,
+    TierConfig,
+    build_backend,
+    prepare_tiers,
+)
 from greenroute.gateway.config import ConfigError, default_config, load_config
 
 
@@ -49,6 +62,13 @@ def test_env_var_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     ('[[tiers]]\nname = "a"\nbackend = "openai"\nurl = "u"\nmodel = "m"\ntimeout = 3\n',
      "timeout"),
     ('tiers = [\n', "invalid TOML"),
+    ('[[tiers]]\nname = "a"\nbackend = "vllm"\nurl = "u"\nmodel = "m"\n',
+     "unknown backend 'vllm'; known: openai, llamacpp, litellm"),
+    ('[[tiers]]\nname = "a"\nbackend = "litellm"\n', "backend 'litellm' needs model"),
+    ('[[tiers]]\nname = "a"\nbackend = "openai"\nurl = "u"\nmodel = "m"\n'
+     '[tiers.meter]\nkind = "wattmeter"\n', "unknown meter kind 'wattmeter'"),
+    ('[[tiers]]\nname = "a"\nbackend = "openai"\nurl = "u"\nmodel = "m"\n'
+     '[tiers.meter]\nkind = "prometheus"\n', "meter 'prometheus' needs url"),
 ])
 def test_invalid_configs_are_refused_with_the_reason(tmp_path: Path, text: str,
                                                      message: str) -> None:
@@ -141,3 +161,53 @@ def test_serve_with_a_bad_config_exits_with_the_reason(tmp_path: Path) -> None:
 def test_every_example_config_in_deploy_loads(path: Path) -> None:
     config = load_config(path)
     assert [tier.name for tier in config.tiers] == ["small", "large"]
+
+
+# -- the backend and meter registries ---------------------------------------------------------
+
+def test_meter_defaults_are_the_meters_own() -> None:
+    config = MeterConfig(kind="prometheus", url="http://h/metrics")
+    assert config.metric == DCGM_ENERGY
+    assert MeterConfig(kind="estimate").watts_per_core == DEFAULT_WATTS_PER_CORE
+    assert set(METERS) == {"estimate", "nvml", "rapl", "prometheus"}
+
+
+class _EchoKind(BackendKind):
+    """A kind added by a test: one class, one entry."""
+
+    requires = ("model",)
+    default_meter = MeterConfig(kind="estimate", watts_per_core=1.0)
+    built: list[str] = []
+
+    def build(self, tier: TierConfig) -> Backend:
+        self.built.append(tier.name)
+        return build_backend(TierConfig(name=tier.name, backend="openai", url="http://x/v1",
+                                        model=tier.model))
+
+
+def test_a_new_backend_kind_is_one_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(BACKENDS, "echo", _EchoKind())
+    with pytest.raises(ValueError, match="backend 'echo' needs model"):
+        TierConfig(name="e", backend="echo")
+    tier = TierConfig(name="e", backend="echo", model="m")
+    backend = build_backend(tier)
+    assert (backend.name, backend.model_id) == ("e", "m") and _EchoKind.built == ["e"]
+    assert meter_config(tier) == MeterConfig(kind="estimate", watts_per_core=1.0)
+    prepare_tiers([tier], fetch=False)  # nothing to fetch for this kind
+
+
+def test_missing_weights_are_reported_without_fetching(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(weights.CACHE_ENV, str(tmp_path))
+    embedded = TierConfig(name="t", backend="llamacpp", weights="tiny")
+    remote = TierConfig(name="r", backend="openai", url="http://x/v1", model="m")
+    prepare_tiers([remote], fetch=False)
+    with pytest.raises(weights.WeightsError, match="run `greenroute models tiny`"):
+        prepare_tiers([remote, embedded], fetch=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_serve_help_names_every_backend_kind() -> None:
+    out = subprocess.run([GREENROUTE, "serve", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "backend = " + "|".join(BACKENDS) in out

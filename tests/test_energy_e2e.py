@@ -8,6 +8,7 @@ flushes the ledger, and the tests read the database it left.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sqlite3
 import subprocess
@@ -18,6 +19,8 @@ from typing import Any
 import openai
 import pytest
 from conftest import GREENROUTE, REPO, start_gateway, stop_gateway
+
+from greenroute.gateway.cli import main
 
 CONCURRENT = 50
 TIER = ('[[tiers]]\nname = "tiny"\nbackend = "llamacpp"\nweights = "tiny"\ncontext = 512\n'
@@ -130,15 +133,26 @@ def test_attributed_plus_idle_equals_the_meters_delta(run: dict[str, Any]) -> No
     delta = periods[-1]["counter_end_j"] - periods[0]["counter_start_j"]
     idle = sum(p["idle_j"] for p in periods)
     assert sum(p["measured_j"] for p in periods) == pytest.approx(delta, rel=1e-9)
-    for previous, period in zip(periods, periods[1:]):  # contiguous: nothing left out
+    for previous, period in itertools.pairwise(periods):  # contiguous: nothing left out
         assert period["counter_start_j"] == pytest.approx(previous["counter_end_j"])
     assert requests["j"] + idle == pytest.approx(delta, rel=0.01)
     assert sum(p["attributed_j"] for p in periods) == pytest.approx(requests["j"], rel=1e-6)
 
 
 def _report(run: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
+    """`greenroute report` as a user runs it: its own process."""
     return subprocess.run([GREENROUTE, "report", "--db", str(run["db"]), *args],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def _report_here(run: dict[str, Any], capsys: pytest.CaptureFixture[str], *args: str
+                 ) -> subprocess.CompletedProcess[str]:
+    """The same command line through the CLI's entry point in this process (no interpreter
+    start and imports per call); the real process is tested above and below."""
+    capsys.readouterr()
+    code = main(["report", "--db", str(run["db"]), *args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["greenroute", "report"], code, out, err)
 
 
 def test_report_prints_the_table(run: dict[str, Any]) -> None:
@@ -150,9 +164,10 @@ def test_report_prints_the_table(run: dict[str, Any]) -> None:
     assert "savings vs always 'tiny'" in done.stdout
 
 
-def test_report_json_matches_the_rows(run: dict[str, Any]) -> None:
-    done = _report(run, "--format", "json", "--by", "model,route,hour",
-                   "--grid-intensity", "500")
+def test_report_json_matches_the_rows(run: dict[str, Any],
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    done = _report_here(run, capsys, "--format", "json", "--by", "model,route,hour",
+                        "--grid-intensity", "500")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     rows = _rows(run["db"], "SELECT * FROM requests")
@@ -179,17 +194,19 @@ def test_report_json_matches_the_rows(run: dict[str, Any]) -> None:
     assert report["savings"]["largest_tier"] is None
 
 
-def test_report_window_excludes_rows_outside_it(run: dict[str, Any]) -> None:
-    done = _report(run, "--format", "json", "--from", "2001-01-01", "--to", "2001-01-02")
+def test_report_window_excludes_rows_outside_it(run: dict[str, Any],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    done = _report_here(run, capsys, "--format", "json", "--from", "2001-01-01",
+                        "--to", "2001-01-02")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["totals"]["requests"] == 0
 
 
-def test_report_csv_and_plot(run: dict[str, Any]) -> None:
+def test_report_csv_and_plot(run: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     from PIL import Image
 
     png = run["tmp"] / "energy.png"
-    done = _report(run, "--format", "csv", "--plot", str(png))
+    done = _report_here(run, capsys, "--format", "csv", "--plot", str(png))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("dimension,group,requests")
@@ -199,12 +216,13 @@ def test_report_csv_and_plot(run: dict[str, Any]) -> None:
         assert len(image.getcolors(1 << 20) or []) > 10  # drawn, not blank
 
 
-def test_report_never_writes_to_the_database(run: dict[str, Any]) -> None:
+def test_report_never_writes_to_the_database(run: dict[str, Any],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     db = run["db"]
     before = db.read_bytes()
     db.chmod(0o444)
     try:
-        done = _report(run, "--format", "json")
+        done = _report_here(run, capsys, "--format", "json")
     finally:
         db.chmod(0o644)
     assert done.returncode == 0, done.stderr

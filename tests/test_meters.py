@@ -18,8 +18,9 @@ from greenroute.backends.energy.meter import MeterError
 from greenroute.backends.energy.nvml import NvmlMeter
 from greenroute.backends.energy.prometheus import PrometheusMeter, parse_samples
 from greenroute.backends.energy.rapl import RaplMeter
+from greenroute.backends.energy.registry import MeterConfig
 from greenroute.backends.energy.select import meter_config, shared_meters
-from greenroute.gateway.config import MeterConfig, TierConfig
+from greenroute.backends.registry import TierConfig
 
 # -- NVML: a fake libnvidia-ml under the real pynvml ------------------------------------------
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from routing_fixtures import WORDS, static_encoder
 
+from greenroute.evals.training import TierData, TrainConfig, fit_policy
 from greenroute.routers import artifact
 from greenroute.routers.artifact import ArtifactError
 from greenroute.routers.calibration import betting_lower_bound, choose
@@ -18,7 +19,6 @@ from greenroute.routers.encoders import StaticEncoder
 from greenroute.routers.features import FEATURES, logprob_features
 from greenroute.routers.models import KINDS, Target, make
 from greenroute.routers.policy import CANDIDATES, RoutingPolicy, Step, simulate
-from greenroute.routers.training import TierData, TrainConfig, fit_policy
 
 
 def _planted(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -39,7 +39,7 @@ def test_every_router_kind_finds_a_planted_signal(kind: str) -> None:
     router = make(kind)
     router.fit(x[:1000], Target(small[:1000], large[:1000]))
     scores = router.predict(x[1000:])
-    assert scores.shape == (500,) and np.all((0 <= scores) & (scores <= 1))
+    assert scores.shape == (500,) and np.all((scores >= 0) & (scores <= 1))
     # Ranked by score, the prompts the router trusts most must be the ones the small tier
     # really gets right most often.
     order = np.argsort(scores)
@@ -89,28 +89,33 @@ def test_calibrated_thresholds_meet_their_target_on_new_traffic() -> None:
     assert failures <= 4  # delta = 0.1 allows 2 of 20 on average
 
 
+def _with_confidence(n: int, seed: int) -> tuple[np.ndarray, TierData]:
+    """Planted prompts whose small-tier answers carry a confidence signal (lp_first)."""
+    x, small, large, _ = _planted(n, seed=seed)
+    features = np.zeros((n, len(FEATURES)))
+    noise = np.random.default_rng(seed + 100).normal(0, 0.3, n)
+    features[:, 2] = np.where(small == 1, -0.1, -1.5) + noise  # lp_first
+    return x, TierData(["small", "large"], np.column_stack([small, large]),
+                       np.column_stack([np.full(n, 1.0), np.full(n, 4.0)]), [features, None],
+                       {"small": "test", "large": "test"})
+
+
 def test_cascade_keeps_confident_answers_and_skips_hopeless_small_calls() -> None:
     """Two tiers; the small tier's answer confidence tells right from wrong. The policy should
     keep confident small answers, escalate the rest, and not call the small tier at all for
     prompts its router says it will fail."""
-    rng = np.random.default_rng(3)
-    n = 3000
-    x, small, large, p_small = _planted(n, seed=5)
-    features = np.zeros((n, len(FEATURES)))
-    features[:, 2] = np.where(small == 1, -0.1, -1.5) + rng.normal(0, 0.3, n)  # lp_first
-    data = TierData(["small", "large"], np.column_stack([small, large]),
-                    np.column_stack([np.full(n, 1.0), np.full(n, 4.0)]), [features, None],
-                    {"small": "test", "large": "test"})
-    prompts = [f"prompt {i}" for i in range(n)]
-    policy, calibrated = fit_policy(x, prompts, data, TrainConfig(kind="logistic",
-                                                                  targets=(0.9, 0.95)))
+    x, data = _with_confidence(3000, seed=5)
+    policy, calibrated = fit_policy(x, [f"prompt {i}" for i in range(3000)], data,
+                                    TrainConfig(kind="logistic", targets=(0.9, 0.95)))
     assert policy.steps[0].confidence is not None
+    assert calibrated.prompts == 3000  # every prompt calibrates, out of fold
     for target in (0.9, 0.95):
         assert calibrated.choices[target].index is not None
         assert calibrated.choices[target].quality_ratio >= target
-    held = calibrated.held
-    p = policy.scores(x[held])
-    outcome = simulate(policy, p, [features[held], None], data.quality[held], data.energy[held],
+    x, new = _with_confidence(3000, seed=6)  # new traffic
+    small = new.quality[:, 0]
+    p = policy.scores(x)
+    outcome = simulate(policy, p, new.features, new.quality, new.energy,
                        policy.candidate_for(0.95))
     plans = policy.plans(p, policy.candidate_for(0.95))
     skipped = ~plans[:, 0]
@@ -118,7 +123,32 @@ def test_cascade_keeps_confident_answers_and_skips_hopeless_small_calls() -> Non
     assert p[skipped, 0].max() < p[~skipped, 0].max()  # the ones the router distrusts
     assert outcome.energy.mean() < 4.0  # cheaper than everything to the large tier
     kept = outcome.answered_by == 0
-    assert small[held][kept].mean() > small[held].mean() + 0.25  # kept answers: mostly right
+    assert small[kept].mean() > small.mean() + 0.25  # kept answers: mostly right
+    assert outcome.quality.mean() >= 0.95 * new.quality[:, 1].mean() - 0.01
+
+
+def test_cross_fitted_calibration_keeps_its_guarantee_on_new_traffic() -> None:
+    """Calibrated on the out-of-fold outcomes of all its training prompts and served by routers
+    refitted on all of them, the policy still meets its target on new traffic in at least
+    1 - delta of trainings (here: 20 trainings, delta 0.1, each checked on 100,000 prompts)."""
+    x_new, small_new, large_new, _ = _planted(100_000, seed=999)
+    new = TierData(["small", "large"], np.column_stack([small_new, large_new]),
+                   np.column_stack([np.full(len(x_new), 1.0), np.full(len(x_new), 4.0)]),
+                   [None, None], {})
+    misses, saved = 0, []
+    for trial in range(20):
+        x, small, large, _ = _planted(1000, seed=2000 + trial)
+        data = TierData(["small", "large"], np.column_stack([small, large]),
+                        np.column_stack([np.full(1000, 1.0), np.full(1000, 4.0)]),
+                        [None, None], {})
+        policy, _ = fit_policy(x, [f"p{i}" for i in range(1000)], data,
+                               TrainConfig(kind="logistic", targets=(0.95,), seed=trial))
+        outcome = simulate(policy, policy.scores(x_new), new.features, new.quality, new.energy,
+                           policy.candidate_for(0.95))
+        misses += outcome.quality.mean() < 0.95 * large_new.mean()
+        saved.append(1 - outcome.energy.mean() / 4.0)
+    assert misses <= 2
+    assert np.mean(saved) > 0.1  # and it does route: the guarantee is not met by doing nothing
 
 
 def test_three_tiers_route_without_special_cases() -> None:
@@ -163,6 +193,30 @@ def test_artifact_round_trips(tmp_path: Path) -> None:
     for candidate in (None, *set(policy.thresholds.values())):
         np.testing.assert_array_equal(router.policy.plans(policy.scores(x), candidate),
                                       policy.plans(policy.scores(x), candidate))
+
+
+def test_artifact_serves_the_thresholds_of_the_delta_asked_for(tmp_path: Path) -> None:
+    x, small, large, _ = _planted(2000, seed=11)
+    data = TierData(["small", "large"], np.column_stack([small, large]),
+                    np.column_stack([np.full(2000, 1.0), np.full(2000, 4.0)]), [None, None], {})
+    policy, _ = fit_policy(x, [f"p{i}" for i in range(2000)], data,
+                           TrainConfig(kind="logistic", targets=(0.9, 0.95), delta=0.1,
+                                       also_deltas=(0.01, 0.3)))
+    encoder = static_encoder(tmp_path / "enc")
+    path = artifact.save(tmp_path / "router", policy, encoder, {"kind": "logistic",
+                                                                 "delta": 0.1})
+    served = artifact.load(path).policy.thresholds
+    assert served == policy.by_delta[0.1] == artifact.load(path, delta=0.1).policy.thresholds
+    strict = artifact.load(path, delta=0.01).policy.thresholds
+    loose = artifact.load(path, delta=0.3).policy.thresholds
+    for target in (0.9, 0.95):
+        # a smaller delta asks for more confidence: a threshold at least as conservative
+        # (a lower candidate index: CANDIDATES run from "all to large" to "all to small")
+        assert (strict[target] or 0) <= (served[target] or 0) <= (loose[target] or 0)
+    assert strict != loose
+    with pytest.raises(ArtifactError, match="no thresholds calibrated at delta 0.2 "
+                                            r"\(calibrated: 0.01, 0.1, 0.3\)"):
+        artifact.load(path, delta=0.2)
 
 
 def test_artifact_for_another_encoder_or_version_is_refused(tmp_path: Path) -> None:

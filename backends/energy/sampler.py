@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from greenroute.backends.energy.attribution import Device, PeriodEnergy, Track
 from greenroute.backends.energy.meter import MeterError
 from greenroute.backends.energy.select import shared_meters
-from greenroute.gateway.config import TierConfig
+from greenroute.backends.registry import TierConfig
 
 log = logging.getLogger("greenroute.energy")
 

@@ -1,60 +1,35 @@
-"""`greenroute train`, and the encoder choices shared with `greenroute eval`."""
+"""`greenroute train`, and the argument parsing it shares with `greenroute eval`."""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from greenroute.evals import metrics
+from greenroute.evals.encoding import ENCODER_HELP, build_encoder, embedder
 from greenroute.evals.energy import parse_profile
-from greenroute.evals.outcomes import OutcomeError, load_table, table_models
-from greenroute.routers import artifact, calibration
-from greenroute.routers.encoders import (
-    DEFAULT_MODEL,
-    EmbeddingCache,
-    Encoder,
-    EncoderError,
-    SentenceTransformerEncoder,
-    StaticEncoder,
-    distill,
+from greenroute.evals.outcomes import OutcomeError, OutcomeTable, load_table, table_models
+from greenroute.evals.training import (
+    Calibration,
+    TrainConfig,
+    fit_policy,
+    tier_data,
 )
+from greenroute.routers import artifact, calibration
+from greenroute.routers.encoders import Encoder, EncoderError
 from greenroute.routers.models import KINDS
-from greenroute.routers.training import TrainConfig, fit_policy, policy_curve, tier_data
-
-ENCODER_HELP = ("static (the default: distilled from all-MiniLM-L6-v2, fast), minilm "
-                "(all-MiniLM-L6-v2 through sentence-transformers), a static encoder directory, "
-                "or a sentence-transformers name or path")
 
 
-def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "greenroute"
-
-
-def build_encoder(choice: str) -> Encoder:
-    """The encoder named on the command line."""
-    if choice == "static":
-        directory = cache_root() / "encoders" / "static-all-MiniLM-L6-v2-256"
-        if (directory / "encoder.json").exists():
-            return StaticEncoder(directory)
-        print(f"distilling a static encoder from {DEFAULT_MODEL} into {directory} (once)",
-              file=sys.stderr)
-        return distill(SentenceTransformerEncoder(DEFAULT_MODEL), directory)
-    if choice == "minilm":
-        return SentenceTransformerEncoder(DEFAULT_MODEL)
-    if (Path(choice) / "encoder.json").exists():
-        return StaticEncoder(choice)
-    return SentenceTransformerEncoder(choice)
-
-
-def embedder(encoder: Encoder):  # noqa: ANN201 - a closure over the cache
-    cache = EmbeddingCache(cache_root() / "embeddings")
-    return lambda texts: cache.encode(encoder, list(texts))
+def parse_deltas(text: str) -> tuple[float, ...]:
+    """Risk levels, the served one first; each in (0, 1)."""
+    deltas = tuple(dict.fromkeys(float(d) for d in text.split(",")))
+    if not all(0 < d < 1 for d in deltas):
+        raise ValueError("delta is the chance a target may miss on new traffic, in (0, 1)")
+    return deltas
 
 
 def parse_targets(text: str) -> tuple[float, ...]:
@@ -66,7 +41,7 @@ def parse_targets(text: str) -> tuple[float, ...]:
 
 def tier_names(args: argparse.Namespace, table_models: Sequence[str]) -> list[str]:
     if args.tiers:
-        return args.tiers.split(",")
+        return str(args.tiers).split(",")
     if args.small and args.large:
         return [args.small, args.large]
     if "small" in table_models and "large" in table_models:
@@ -83,8 +58,10 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train routers for model `green` from an outcome table: a router per tier "
                     "but the largest, cascade confidence models where the table has logprob "
-                    "features, and thresholds calibrated per quality target on held-out "
-                    "prompts. Prints validation metrics and writes a versioned artifact.",
+                    "features, and thresholds calibrated per quality target on every prompt's "
+                    "cross-fitted (out-of-fold) outcome; the served routers are then fitted on "
+                    "all prompts. Prints out-of-fold validation metrics and writes a versioned "
+                    "artifact.",
         epilog="example: greenroute train --outcomes evals/outcomes/embedded.jsonl "
                "--tiers small,large --kind logistic --out routers/default")
     parser.add_argument("--outcomes", required=True, metavar="PATH")
@@ -103,9 +80,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
                         help="quality targets to calibrate (shares of the largest tier's quality)")
     parser.add_argument("--default-target", type=float, default=0.95,
                         help="the target `green` uses when a request names none")
-    parser.add_argument("--delta", type=float, default=calibration.DEFAULT_DELTA,
-                        help="calibration risk: each target holds with probability 1 - delta")
-    parser.add_argument("--calibration-share", type=float, default=0.3)
+    parser.add_argument("--delta", default=str(calibration.DEFAULT_DELTA), metavar="D[,D...]",
+                        help="calibration risk: each target holds with probability 1 - delta "
+                             "(default: %(default)s). Several: the first is served, the others "
+                             "are stored for `[router] delta` to choose")
+    parser.add_argument("--folds", type=int, default=5,
+                        help="cross-fitting folds for calibration (default: %(default)s)")
     parser.add_argument("--no-cascade", action="store_true",
                         help="route on the prompt only, even when the table has logprobs")
     parser.add_argument("--energy-profile", metavar="NAME=J,...",
@@ -120,9 +100,12 @@ def _train(args: argparse.Namespace) -> int:
     try:
         tiers = tier_names(args, table_models(args.outcomes))
         table = load_table(args.outcomes, tiers)
+        deltas = parse_deltas(args.delta)
+        if args.folds < 2:
+            raise ValueError("--folds: cross-fitting needs at least 2 folds")
         config = TrainConfig(kind=args.kind, tolerance=args.tolerance, scheme=args.label,
-                             delta=args.delta, targets=parse_targets(args.targets),
-                             calibration_share=args.calibration_share,
+                             delta=deltas[0], also_deltas=deltas[1:],
+                             targets=parse_targets(args.targets), inner_folds=args.folds,
                              cascade=not args.no_cascade, seed=args.seed)
         profile = parse_profile(args.energy_profile) if args.energy_profile else None
         encoder = build_encoder(args.encoder)
@@ -132,17 +115,16 @@ def _train(args: argparse.Namespace) -> int:
     data = tier_data(table, tiers, profile)
     x = embedder(encoder)(table.prompts)
     policy, calibrated = fit_policy(x, table.prompts, data, config)
-    held = calibrated.held
-    curve = policy_curve(policy, x[held], data.subset(held))
-    pair = metrics.Pair(data.quality[held, 0], data.quality[held, -1], data.energy[held, 0],
-                        data.energy[held, -1])
-    validation = metrics.summarize(pair, curve)
+    pair = metrics.Pair(data.quality[:, 0], data.quality[:, -1], data.energy[:, 0],
+                        data.energy[:, -1])
+    validation = metrics.summarize(pair, calibrated.replay.curve())
     manifest = {
         "kind": args.kind, "label": args.label, "tolerance": args.tolerance,
-        "delta": args.delta, "default_target": args.default_target,
+        "delta": config.delta, "default_target": args.default_target,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "training": {"outcomes": str(args.outcomes), "sha256": _sha256(args.outcomes),
                      "prompts": len(table), "calibration_prompts": calibrated.prompts,
+                     "calibration": f"cross-fitted, {config.inner_folds} folds",
                      "energy_source": data.energy_source,
                      "cascade": [s.confidence is not None for s in policy.steps]},
         "validation": {"metrics": validation, "targets": {
@@ -159,12 +141,13 @@ def _sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _print_report(args: argparse.Namespace, tiers: list[str], table, calibrated,  # noqa: ANN001
-                  validation: dict, encoder: Encoder, seconds: float) -> None:
+def _print_report(args: argparse.Namespace, tiers: list[str], table: OutcomeTable,
+                  calibrated: Calibration, validation: dict[str, float | None],
+                  encoder: Encoder, seconds: float) -> None:
     print(f"trained {args.kind} routers for {' -> '.join(tiers)} on {len(table)} prompts "
           f"(encoder {encoder.name}) in {seconds:.0f} s; calibrated on {calibrated.prompts} "
-          f"held-out prompts, delta {args.delta}")
-    print("validation (held-out): " + ", ".join(
+          f"prompts' out-of-fold outcomes, delta {args.delta}")
+    print("validation (out-of-fold): " + ", ".join(
         f"{k} {v:.3f}" for k, v in validation.items() if v is not None))
     print("target  quality/largest  energy/largest  threshold")
     for target, choice in calibrated.choices.items():

@@ -1,20 +1,24 @@
 """Training a routing policy from an outcome table: routers, cascade confidence, calibration.
 
-1. Split the prompts (grouped: identical prompts stay together) into a training part and a
-   calibration part (30% by default).
-2. For each tier but the largest, on the training part: fit the router; score every training
-   prompt *out of fold* (a router's scores on its own training prompts are overconfident);
-   where the table has logprob features, fit the cascade confidence model on those features and
-   the out-of-fold scores, and tabulate how often answers are kept per threshold and score bin
-   (the skip rule's k).
-3. On the calibration part, replay the policy under every candidate threshold and choose, per
-   quality target, the cheapest threshold whose lower confidence bound meets the target.
+1. Cross-fit: split the prompts into `inner_folds` folds (grouped: identical prompts stay
+   together); for each fold, fit the policy's routers (and confidence models) on the other folds
+   and replay the fold's prompts under every candidate threshold. Every prompt then has an
+   out-of-fold outcome per candidate, from a policy that never saw it.
+2. Calibrate on all of them: per quality target, the cheapest candidate whose lower confidence
+   bound meets the target under fixed-sequence testing (routers/calibration.py).
+3. Fit the served policy's routers on every prompt and give it those thresholds.
+
+For each tier but the largest, fitting means: fit the router; where the table has logprob
+features, score the training prompts *out of fold* (a router's scores on its own training
+prompts are overconfident), fit the cascade confidence model on those features and scores, and
+tabulate how often answers are kept per threshold and score bin (the skip rule's k).
+Why calibrating on cross-fitted outcomes keeps the bound meaningful: docs/routing.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,10 +39,10 @@ class TrainConfig:
     kind: str = "logistic"
     tolerance: float = 0.0
     scheme: Scheme = "gap"
-    delta: float = calibration.DEFAULT_DELTA
+    delta: float = calibration.DEFAULT_DELTA  # the guarantee's risk served by default
+    also_deltas: tuple[float, ...] = ()  # other risks to calibrate for (`[router] delta`)
     targets: tuple[float, ...] = calibration.DEFAULT_TARGETS
-    calibration_share: float = 0.3
-    inner_folds: int = 5
+    inner_folds: int = 5  # cross-fitting folds, and the confidence models' out-of-fold scores
     cascade: bool = True  # use the answers' confidence where the table has logprob features
     seed: int = 0
 
@@ -63,19 +67,12 @@ def tier_data(table: OutcomeTable, tiers: Sequence[str],
               profile: dict[str, float] | None = None) -> TierData:
     roles = ["small"] * (len(tiers) - 1) + ["large"]
     energies, sources = [], {}
-    for tier, role in zip(tiers, roles):
+    for tier, role in zip(tiers, roles, strict=True):
         joules, source = prompt_energy(table, tier, role, profile)
         energies.append(joules)
         sources[tier] = source
     return TierData(list(tiers), np.column_stack([table.quality[t] for t in tiers]),
                     np.column_stack(energies), [table.features.get(t) for t in tiers], sources)
-
-
-def grouped_split(prompts: Sequence[str], share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held-out) indices, about `share` held out; identical prompts stay together."""
-    folds = group_folds(prompts, 10, seed)
-    held = np.sort(np.concatenate(folds[:max(1, round(share * 10))]))
-    return np.setdiff1d(np.arange(len(prompts)), held), held
 
 
 def out_of_fold(x: np.ndarray, target: Target, prompts: Sequence[str], config: TrainConfig
@@ -95,24 +92,55 @@ def _subset(target: Target, index: np.ndarray) -> Target:
                   target.scheme)
 
 
+@dataclass(frozen=True)
+class Replay:
+    """Every prompt's outcome under every candidate threshold, from policies that did not see
+    it: `quality`, `energy` and `largest` (whether the largest tier answered) are
+    (len(CANDIDATES), prompts)."""
+
+    quality: np.ndarray
+    energy: np.ndarray
+    largest: np.ndarray
+
+    def curve(self) -> Curve:
+        """The operating points over every candidate (for APGR, AIQ, plots)."""
+        return Curve(share=self.largest.mean(axis=1), quality=self.quality.mean(axis=1),
+                     energy=self.energy.mean(axis=1))
+
+
 @dataclass
 class Calibration:
-    choices: dict[float, calibration.Choice] = field(default_factory=dict)
-    held: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))  # prompt indices
+    choices: dict[float, calibration.Choice]
+    replay: Replay  # the out-of-fold outcomes the thresholds were chosen on
 
     @property
     def prompts(self) -> int:
-        return len(self.held)
+        return int(self.replay.quality.shape[1])
 
 
 def fit_policy(x: np.ndarray, prompts: Sequence[str], data: TierData,
                config: TrainConfig) -> tuple[RoutingPolicy, Calibration]:
-    """Train on part of the prompts and calibrate on the rest (see the module docstring)."""
-    train, held = grouped_split(prompts, config.calibration_share, config.seed)
-    policy = fit_steps(x[train], [prompts[i] for i in train], data.subset(train), config)
-    result = calibrate(policy, x[held], data.subset(held), config)
-    result.held = held
-    return policy, result
+    """Calibrate on cross-fitted outcomes of every prompt, then fit the served policy on all of
+    them (see the module docstring)."""
+    replay = cross_fit(x, prompts, data, config)
+    policy = fit_steps(x, prompts, data, config)
+    return policy, calibrate(policy, replay, data, config)
+
+
+def cross_fit(x: np.ndarray, prompts: Sequence[str], data: TierData,
+              config: TrainConfig) -> Replay:
+    """Each prompt's outcome under every candidate, replayed with a policy fitted on the other
+    folds."""
+    shape = (len(CANDIDATES), len(x))
+    quality, energy, largest = np.zeros(shape), np.zeros(shape), np.zeros(shape, dtype=bool)
+    for held in group_folds(prompts, config.inner_folds, config.seed):
+        train = np.setdiff1d(np.arange(len(x)), held)
+        fold = fit_steps(x[train], [prompts[i] for i in train], data.subset(train), config)
+        outcomes = replay(fold, x[held], data.subset(held))
+        quality[:, held] = outcomes.quality
+        energy[:, held] = outcomes.energy
+        largest[:, held] = outcomes.largest
+    return Replay(quality, energy, largest)
 
 
 def fit_steps(x: np.ndarray, prompts: Sequence[str], data: TierData,
@@ -149,29 +177,26 @@ def _keep_table(scores: np.ndarray, confidence: np.ndarray) -> tuple[np.ndarray,
     return edges, rates
 
 
-def calibrate(policy: RoutingPolicy, x: np.ndarray, data: TierData,
+def calibrate(policy: RoutingPolicy, replay: Replay, data: TierData,
               config: TrainConfig) -> Calibration:
-    """Choose each target's threshold on held-out prompts; store them in the policy."""
+    """Choose each target's threshold on the replayed outcomes, at every delta asked for; the
+    policy serves those of `config.delta`."""
+    served: dict[float, calibration.Choice] = {}
+    for delta in dict.fromkeys((config.delta, *config.also_deltas)):
+        choices = {target: calibration.choose(replay.quality, replay.energy,
+                                              data.quality[:, -1], data.energy[:, -1], target,
+                                              delta)
+                   for target in config.targets}
+        policy.by_delta[delta] = {target: c.index for target, c in choices.items()}
+        served = served or choices
+    policy.use_delta(config.delta)
+    return Calibration(served, replay)
+
+
+def replay(policy: RoutingPolicy, x: np.ndarray, data: TierData) -> Replay:
+    """A fitted policy's outcome on prompts under every candidate threshold."""
     p = policy.scores(x)
     outcomes = [simulate(policy, p, data.features, data.quality, data.energy, c)
                 for c in range(len(CANDIDATES))]
-    result = Calibration()
-    for target in config.targets:
-        choice = calibration.choose([o.quality for o in outcomes], [o.energy for o in outcomes],
-                                    data.quality[:, -1], data.energy[:, -1], target,
-                                    config.delta)
-        result.choices[target] = choice
-        policy.thresholds[target] = choice.index
-    return result
-
-
-def policy_curve(policy: RoutingPolicy, x: np.ndarray, data: TierData) -> Curve:
-    """The policy's operating points over every candidate threshold (for APGR, AIQ, plots)."""
-    p = policy.scores(x)
-    points = []
-    for c in range(len(CANDIDATES)):
-        outcome = simulate(policy, p, data.features, data.quality, data.energy, c)
-        points.append(((outcome.answered_by == len(data.tiers) - 1).mean(),
-                       outcome.quality.mean(), outcome.energy.mean()))
-    share, quality, energy = (np.array(v) for v in zip(*points))
-    return Curve(share=share, quality=quality, energy=energy)  # one point per candidate
+    return Replay(np.stack([o.quality for o in outcomes]), np.stack([o.energy for o in outcomes]),
+                  np.stack([o.answered_by == len(data.tiers) - 1 for o in outcomes]))

@@ -1,0 +1,125 @@
+"""One generation request between its validation and its response: the models it calls, and the
+one answer it sends back.
+
+The direct path (gateway/app.py) and model `green` (gateway/green.py) call models only through
+an `Exchange`, which does what every call needs around it: the energy track is current, a
+client that disconnects cancels the call, a failed model is closed in the accounting. What they
+return, a `Whole` or a `Streamed` answer, `respond` turns into the response and the request's
+accounting (gateway/accounting.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.responses import Response
+from starlette.types import Receive
+
+from greenroute.backends.base import Backend, BackendError, Chunk, ChunkStream, Completion, Endpoint
+from greenroute.gateway import cascade
+from greenroute.gateway.accounting import Attempt, RequestRecord
+from greenroute.gateway.streaming import (
+    EventStreamResponse,
+    sse_events,
+    until_disconnect,
+    watch_disconnect,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Whole:
+    """An answer sent at once: `attempt`'s completion. A client that asked for a stream gets it
+    as events (a cascade stage's answer, buffered to be judged)."""
+
+    attempt: Attempt
+    completion: Completion
+
+
+@dataclass(frozen=True, slots=True)
+class Streamed:
+    """A stream that has produced its first batch (so it has started), relayed to its end."""
+
+    attempt: Attempt
+    first: Sequence[Chunk] | None
+    rest: ChunkStream
+
+
+Answer = Whole | Streamed
+
+
+class Exchange:
+    """The calls one request makes, and its response.
+
+    One watcher on the client's `http.disconnect` serves every call the request makes, so a
+    failover after a failed call still notices a client that leaves; it stops when the request
+    ends with a whole answer or an error (`close`), or goes with a stream to its end.
+    """
+
+    def __init__(self, endpoint: Endpoint, body: dict[str, Any], record: RequestRecord,
+                 headers: dict[str, str], receive: Receive) -> None:
+        self.endpoint = endpoint
+        self.body = body
+        self.record = record
+        self.headers = headers
+        self.stream = bool(body.get("stream"))
+        options = body.get("stream_options")  # read now: a backend may change the body
+        self.include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+        self._watcher = watch_disconnect(receive)
+
+    async def answer(self, tier: str, backend: Backend, body: dict[str, Any]) -> Answer:
+        """`tier` answers `body` the way the client asked: whole or streamed."""
+        if self.stream:
+            return await self.open_stream(tier, backend, body)
+        return await self.create(tier, backend, body)
+
+    async def create(self, tier: str, backend: Backend, body: dict[str, Any]) -> Whole:
+        """`tier`'s whole answer to `body`."""
+        attempt = self.record.attempt(tier, backend)
+        try:
+            with attempt.running():
+                completion = await until_disconnect(self._watcher,
+                                                    backend.create(self.endpoint, body))
+        except BackendError:
+            attempt.done(None)
+            raise
+        attempt.done(completion.usage)
+        return Whole(attempt, completion)
+
+    async def open_stream(self, tier: str, backend: Backend, body: dict[str, Any]) -> Streamed:
+        """`tier`'s stream, once its first batch is there: failing to start is still an HTTP
+        error (or a failover), not an error event after a 200."""
+        attempt = self.record.attempt(tier, backend)
+        with attempt.running():
+            chunks = backend.stream(self.endpoint, body)
+            try:
+                first = await until_disconnect(self._watcher, anext(chunks, None))
+            except BaseException as exc:
+                await chunks.aclose()
+                if isinstance(exc, BackendError):
+                    attempt.done(None)
+                raise
+        return Streamed(attempt, first, chunks)
+
+    def respond(self, answer: Answer) -> Response:
+        """The response for `answer`, its energy added, its accounting closed (a stream's when
+        it ends)."""
+        headers, include_usage = self.headers, self.include_usage
+        if isinstance(answer, Streamed):
+            observer = self.record.streaming(answer.attempt)
+            headers["cache-control"] = "no-cache"
+            headers["x-accel-buffering"] = "no"  # nginx: do not buffer the event stream
+            events = sse_events(answer.first, answer.rest, include_usage, observer)
+            return EventStreamResponse(events, self._watcher, headers)
+        self.close()
+        completion = self.record.answer(answer.attempt, answer.completion, headers)
+        if not self.stream:
+            return Response(completion.json(), media_type="application/json", headers=headers)
+        headers["cache-control"] = "no-cache"
+        return Response(cascade.as_event_stream(self.endpoint, completion.parsed(), include_usage),
+                        media_type="text/event-stream", headers=headers)
+
+    def close(self) -> None:
+        """Stop watching for a disconnect: the request ends without a stream."""
+        self._watcher.cancel()

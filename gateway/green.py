@@ -1,0 +1,115 @@
+"""Model `green`: the router plans which tiers to try, and the cascade runs the plan live.
+
+Every tier of the plan but the last is a cascade stage: asked for a capped, non-streamed answer
+with logprobs (gateway/cascade.py), kept if the router trusts it, else the next tier is tried.
+The last tier answers as the client asked. A tier that fails (5xx) hands the request on to the
+next, or, past the plan's end, to the next larger tier; when none is left, the best stage answer
+so far goes back marked as degraded. A 4xx is the request's own fault and goes back at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from greenroute.backends.base import Backend, BackendError, Completion
+from greenroute.gateway import cascade
+from greenroute.gateway import headers as h
+from greenroute.gateway.exchange import Answer, Exchange, Whole
+from greenroute.gateway.plan import RoutedPlan, parse_target
+from greenroute.routers.routing_text import routing_text
+from greenroute.routers.service import Decision, RouterService
+
+log = logging.getLogger("greenroute.gateway")
+
+
+class GreenRoute:
+    """Answers `green` requests over the tiers' backends, with one loaded router."""
+
+    def __init__(self, router: RouterService, backends: Mapping[str, Backend], *,
+                 default_target: float | None, cascade_max_tokens: int) -> None:
+        self.router = router
+        self.backends = backends
+        self.configured_target = default_target
+        self.cap = cascade_max_tokens
+
+    @property
+    def default_target(self) -> float:
+        """The configured default quality target, else the router artifact's."""
+        return self.configured_target or self.router.default_target
+
+    def target(self, plan: RoutedPlan, header: str | None) -> float:
+        """The request's quality target: its header, else its model name (green-0.9), else
+        the default."""
+        if header is not None:
+            return parse_target(header, h.TARGET)
+        return plan.target if plan.target is not None else self.default_target
+
+    async def answer(self, exchange: Exchange, plan: RoutedPlan, target_header: str | None
+                     ) -> Answer:
+        """Decide, then try the plan's tiers until one answers; the headers say how."""
+        target = self.target(plan, target_header)
+        decision = await self.router.decide(routing_text(exchange.body), target)
+        record, headers = exchange.record, exchange.headers
+        record.route = "cascade" if len(decision.plan) > 1 else "routed"
+        record.quality_target = target
+        record.router_score = decision.scores[0] if decision.scores else None
+        headers[h.ROUTE] = record.route
+        headers[h.TARGET] = f"{target:g}"
+        headers[h.SCORE] = ",".join(f"{s:.4f}" for s in decision.scores)
+        stages = list(decision.plan)
+        fallback: Whole | None = None  # the last stage answer not kept, should all else fail
+        for position, tier in enumerate(stages):  # `stages` grows when its last tier fails
+            last = position == len(stages) - 1
+            headers[h.MODEL] = tier
+            headers[h.TRIED] = ",".join(stages[:position + 1])
+            backend = self.backends[tier]
+            try:
+                if last:
+                    return await exchange.answer(tier, backend, dict(exchange.body))
+                stage = await exchange.create(tier, backend, cascade.stage_body(
+                    exchange.endpoint, exchange.body, self.cap))
+            except BackendError as exc:
+                if exc.status < 500:
+                    raise  # the request itself is at fault: no other tier will do better
+                log.warning("request %s: tier %s failed (%s); trying the next", record.id,
+                            tier, exc.code)
+                if not last:
+                    continue
+                larger = self._next_larger(tier, stages)
+                if larger is not None:
+                    stages.append(larger)
+                    continue
+                if fallback is None:
+                    raise
+                headers[h.DEGRADED] = f"{tier} failed ({exc.code})"
+                headers[h.MODEL] = fallback.attempt.tier
+                return fallback
+            judged = self._judge(exchange, decision, tier, stage)
+            if judged is None:
+                continue  # cut off by the cap: not an answer
+            keep, answer = judged
+            if keep:
+                return answer
+            fallback = answer
+        raise AssertionError("a plan always ends with a tier that answers")
+
+    def _judge(self, exchange: Exchange, decision: Decision, tier: str, stage: Whole
+               ) -> tuple[bool, Whole] | None:
+        """Whether the router keeps a stage's answer, and the answer as the client asked for
+        it; None when the answer was cut off by the cascade's cap."""
+        endpoint, body = exchange.endpoint, exchange.body
+        data = stage.completion.parsed()  # parsed once; written out once, when it goes back
+        if cascade.cut_by_cap(endpoint, body, data, self.cap):
+            return None
+        keep, confidence = self.router.keep(decision, tier,
+                                            cascade.logprob_content(endpoint, data))
+        if confidence is not None:
+            exchange.headers[h.CONFIDENCE] = f"{confidence:.4f}"
+        view = cascade.client_view(endpoint, body, data)
+        completion = Completion(stage.completion.body, stage.completion.usage, view)
+        return keep, Whole(stage.attempt, completion)
+
+    def _next_larger(self, tier: str, tried: list[str]) -> str | None:
+        order = self.router.policy.tiers
+        return next((t for t in order[order.index(tier) + 1:] if t not in tried), None)
