@@ -144,7 +144,8 @@ async def _events(record: Record, model: str, text: str, chat: bool,
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 class FakeUpstream:

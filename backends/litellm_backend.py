@@ -48,7 +48,8 @@ class LiteLLMBackend:
         try:
             import litellm
         except ImportError:
-            raise RuntimeError(f"tier {self.name!r} needs litellm: pip install 'greenroute[cloud]'")
+            raise RuntimeError(
+                f"tier {self.name!r} needs litellm: pip install 'greenroute[cloud]'") from None
         litellm.suppress_debug_info = True
         self._litellm = litellm
 

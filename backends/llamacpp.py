@@ -44,6 +44,9 @@ class GenerationCancelled(Exception):
 
 _END = object()
 
+# One sampled token: its id, its logprob, and the top alternatives (id, logprob).
+_Entry = tuple[int, float, list[tuple[int, float]]]
+
 
 class LlamaCppBackend:
     """A GGUF model in this process, behind a one-thread queue."""
@@ -88,12 +91,13 @@ class LlamaCppBackend:
         sample = llm.sample
 
         def sample_and_observe(*args: Any, **kwargs: Any) -> int:
-            token = sample(*args, **kwargs)
+            token: int = sample(*args, **kwargs)
             if self._active is not None:
                 self._active.on_token(token)
             return token
 
-        llm.sample = sample_and_observe  # Llama.generate calls self.sample once per token
+        # Llama.generate calls self.sample once per token: the one per-token hook it offers.
+        llm.sample = sample_and_observe  # type: ignore[method-assign]
         self._llm = llm
 
     # -- requests -----------------------------------------------------------------------------
@@ -165,13 +169,14 @@ class LlamaCppBackend:
         return self._llm.create_completion(**kwargs,
                                            logits_processor=generation.logits_processors())
 
-    def _run(self, endpoint: Endpoint, kwargs: dict[str, Any], generation: _Generation) -> dict:
+    def _run(self, endpoint: Endpoint, kwargs: dict[str, Any],
+             generation: _Generation) -> dict[str, Any]:
         self._active = generation
         generation.begin()
         try:
-            result = self._generate(endpoint, kwargs, generation)
-        except GenerationCancelled:
-            return {}
+            result: dict[str, Any] = self._generate(endpoint, kwargs, generation)
+        except GenerationCancelled:  # its caller left, or the backend is closing: not an answer
+            raise BackendUnavailable(f"backend {self.name!r} stopped the generation") from None
         except ValueError as exc:  # llama-cpp-python's way of saying "prompt too long" and kin
             raise _invalid(endpoint, exc) from None
         except Exception as exc:
@@ -230,7 +235,7 @@ class _Generation:
         self.cancel = threading.Event()
         self.prompt_tokens = 0
         self.completion_tokens = 0
-        self.entries: list[tuple[int, float, list[tuple[int, float]]]] = []
+        self.entries: list[_Entry] = []
         self._attached = 0
         self._step: tuple[np.ndarray, float] | None = None
 
@@ -291,11 +296,12 @@ class _Generation:
             choice["logprobs"] = self._format(endpoint, self.entries[self._attached:])
             self._attached = len(self.entries)
 
-    def _format(self, endpoint: Endpoint, entries: list) -> dict[str, Any]:
+    def _format(self, endpoint: Endpoint, entries: list[_Entry]) -> dict[str, Any]:
         llm = self._backend._llm
 
         def piece(token: int) -> bytes:
-            return llm.detokenize([token], special=True)
+            raw: bytes = llm.detokenize([token], special=True)
+            return raw
 
         if endpoint is Endpoint.CHAT:
             def item(token: int, logprob: float) -> dict[str, Any]:

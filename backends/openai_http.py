@@ -143,7 +143,7 @@ async def _sse_payloads(reads: AsyncIterator[bytes]) -> AsyncIterator[list[bytes
     async for read in reads:
         buffer += read
         *lines, buffer = buffer.split(b"\n")
-        payloads = []
+        payloads: list[bytes] = []
         for line in lines:
             if not line.startswith(b"data:"):
                 continue  # blank separators, comments (": ping"), event names
@@ -191,7 +191,8 @@ def _upstream_error(name: str, status: int, content: bytes) -> BackendError:
 
 def _error_from_body(name: str, status: int, data: dict[str, Any]) -> BackendError:
     # OpenAI shape {"error": {...}}; older vLLM answers {"object": "error", "message": ...}.
-    error = data.get("error") if isinstance(data.get("error"), dict) else data
+    nested = data.get("error")
+    error: dict[str, Any] = nested if isinstance(nested, dict) else data
     message = str(error.get("message") or f"backend {name!r} answered HTTP {status}")
     if status in (400, 404, 413, 422, 429):
         # The client's request was refused upstream (context too long, bad parameter, rate

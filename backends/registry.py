@@ -45,6 +45,9 @@ class TierConfig(BaseModel):
     # Relative energy per token; orders the tiers (smallest first) for routing.
     energy_hint: float = Field(default=1.0, gt=0)
     aliases: tuple[str, ...] = ()
+    # Tiers that answer a request for this one, in order, when it fails before its first byte
+    # (a connection error, a 5xx) or its circuit breaker is open (gateway/fallback.py).
+    fallbacks: tuple[str, ...] = ()
     timeout_s: float = Field(default=120.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     max_connections: int = Field(default=256, ge=1)

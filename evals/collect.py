@@ -7,6 +7,11 @@ Decoding is greedy (temperature 0, fixed seed) so a rerun gives the same answers
 
 Each result is appended to the outcome file as soon as it is graded, so an interrupted run
 resumes where it stopped; results that failed are tried again on the next run.
+
+Ctrl-C (SIGINT) stops a run: asyncio.run cancels it, the generation in flight stops at its next
+token, and its prompt is not recorded. A process that starts with SIGINT ignored (a background
+job of a shell without job control, `cmd &` in a script) keeps ignoring it, as POSIX has it;
+SIGTERM stops that one, losing at most the line being written.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from greenroute.gateway.config import (
 )
 from greenroute.routers import artifact
 from greenroute.routers.artifact import ArtifactError
+from greenroute.routers.calibration import DEFAULT_DELTA
 from greenroute.routers.encoders import EncoderError
 from greenroute.routers.models import KINDS as ROUTER_KINDS
 from greenroute.routers.models import KNNRouter
@@ -154,6 +155,9 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
         description="Cross-validate routing policies on an outcome table, grouped so that no "
                     "prompt is in two folds, and report APGR, CPT(20/50/80%%), AIQ and the "
                     "energy saved at a quality target, beside the random and oracle policies. "
+                    "With --targets, each target's row also shows the ideal saving (the best "
+                    "threshold chosen on the held-out fold itself) and the price of the "
+                    "guarantee (ideal minus calibrated). "
                     "Writes metrics.json, summary.md and PNG plots to --out.",
         epilog="example: greenroute eval --outcomes mmlu.jsonl --policy length --out eval-mmlu")
     parser.add_argument("--outcomes", required=True, metavar="PATH", help="outcome table")
@@ -181,6 +185,9 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
                              "and energy it realised at these targets on held-out prompts")
     parser.add_argument("--no-cascade", action="store_true", help="with --targets: route on "
                                                                   "the prompt only")
+    parser.add_argument("--delta", type=float, default=DEFAULT_DELTA,
+                        help="with --targets: the calibration risk, each target to hold with "
+                             "probability 1 - delta (default: %(default)s)")
     parser.add_argument("--router", metavar="DIR", help="evaluate a trained artifact (use "
                                                         "prompts it was not trained on)")
     parser.add_argument("--folds", type=int, default=5)
@@ -220,7 +227,7 @@ def _eval(args: argparse.Namespace) -> int:
             targets = train_command.parse_targets(args.targets)
             for kind in kinds:
                 config = TrainConfig(kind=kind, targets=targets, seed=args.seed,
-                                     cascade=not args.no_cascade)
+                                     delta=args.delta, cascade=not args.no_cascade)
                 result, rows = cross_validate_policy(table, tiers, embed, config,
                                                      folds=args.folds, seed=args.seed,
                                                      profile=profile)

@@ -15,7 +15,6 @@ compacted to one line per prompt when a collection finishes.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -104,10 +103,6 @@ class OutcomeWriter:
 
 def _dumps(row: Mapping[str, Any]) -> str:
     return json.dumps({"v": SCHEMA_VERSION, **row}, ensure_ascii=False) + "\n"
-
-
-def prompt_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def regrade(path: str | Path, items: Mapping[str, Any]) -> int:

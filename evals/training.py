@@ -122,9 +122,9 @@ def fit_policy(x: np.ndarray, prompts: Sequence[str], data: TierData,
                config: TrainConfig) -> tuple[RoutingPolicy, Calibration]:
     """Calibrate on cross-fitted outcomes of every prompt, then fit the served policy on all of
     them (see the module docstring)."""
-    replay = cross_fit(x, prompts, data, config)
+    outcomes = cross_fit(x, prompts, data, config)
     policy = fit_steps(x, prompts, data, config)
-    return policy, calibrate(policy, replay, data, config)
+    return policy, calibrate(policy, outcomes, data, config)
 
 
 def cross_fit(x: np.ndarray, prompts: Sequence[str], data: TierData,
@@ -177,20 +177,20 @@ def _keep_table(scores: np.ndarray, confidence: np.ndarray) -> tuple[np.ndarray,
     return edges, rates
 
 
-def calibrate(policy: RoutingPolicy, replay: Replay, data: TierData,
+def calibrate(policy: RoutingPolicy, outcomes: Replay, data: TierData,
               config: TrainConfig) -> Calibration:
     """Choose each target's threshold on the replayed outcomes, at every delta asked for; the
     policy serves those of `config.delta`."""
     served: dict[float, calibration.Choice] = {}
     for delta in dict.fromkeys((config.delta, *config.also_deltas)):
-        choices = {target: calibration.choose(replay.quality, replay.energy,
+        choices = {target: calibration.choose(outcomes.quality, outcomes.energy,
                                               data.quality[:, -1], data.energy[:, -1], target,
                                               delta)
                    for target in config.targets}
         policy.by_delta[delta] = {target: c.index for target, c in choices.items()}
         served = served or choices
     policy.use_delta(config.delta)
-    return Calibration(served, replay)
+    return Calibration(served, outcomes)
 
 
 def replay(policy: RoutingPolicy, x: np.ndarray, data: TierData) -> Replay:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -37,6 +37,8 @@ class Accounting:
         self.fleet = fleet
         self.writer = writer
         self.store_text = store_text
+        # Called with each finished record, its row ready (e.g. GatewayMetrics.observe).
+        self.observers: list[Callable[[RequestRecord], None]] = []
 
     def open(self, request_id: str, endpoint: str) -> RequestRecord:
         return RequestRecord(self, request_id, endpoint)
@@ -44,13 +46,15 @@ class Accounting:
     def submit(self, record: RequestRecord) -> None:
         if self.writer is not None:
             self.writer.put_many(record.rows())
+        for observe in self.observers:
+            observe(record)
 
 
 class Attempt:
     """One model tried for a request, and its track on that model's device (if metered)."""
 
     __slots__ = ("tier", "model_id", "track", "self_reporting", "usage", "first_output",
-                 "answered", "_done")
+                 "answered", "relayed", "_done")
 
     def __init__(self, tier: str, backend: Backend, track: Track | None) -> None:
         self.tier = tier
@@ -61,7 +65,15 @@ class Attempt:
         self.usage: Usage | None = None
         self.first_output: float | None = None
         self.answered = False
+        self.relayed = 0  # answer chunks of its stream relayed to the client
         self._done = False
+
+    def completion_tokens(self) -> int | None:
+        """Its usage's, else for a stream cut before its usage chunk (client gone, shutdown)
+        the chunks relayed so far: about one token each from vLLM and llama.cpp."""
+        if self.usage is not None:
+            return self.usage.completion_tokens
+        return self.relayed or None
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -175,6 +187,7 @@ class RequestRecord:
         if self.ttft_ms is None:
             self.ttft_ms = (time.perf_counter() - self.started) * 1000
         attempt.output_started()
+        attempt.answered = True  # its answer reaches the client, even if the stream is cut
         return StreamAccounting(self, attempt)
 
     def fail(self, status: int, code: str | None) -> None:
@@ -240,7 +253,7 @@ class RequestRecord:
         answer = next((a for a in self.attempts if a.answered), None)
         usage = answer.usage if answer is not None else None
         joules = self.joules()
-        completion = usage.completion_tokens if usage is not None else None
+        completion = answer.completion_tokens() if answer is not None else None
         row = {
             "id": self.id, "created": self.created, "key_id": self.key_id,
             "endpoint": self.endpoint, "stream": self.stream,
@@ -267,7 +280,7 @@ class RequestRecord:
                 "request_id": self.id, "position": position, "tier": attempt.tier,
                 "upstream_model": attempt.model_id,
                 "prompt_tokens": attempt.usage.prompt_tokens if attempt.usage else None,
-                "completion_tokens": attempt.usage.completion_tokens if attempt.usage else None,
+                "completion_tokens": attempt.completion_tokens(),
                 "joules": track.joules if track is not None else None,
                 "energy_source": track.device.source if track is not None else None,
                 "device": track.device.name if track is not None else None,
@@ -282,6 +295,14 @@ class StreamAccounting:
     def __init__(self, record: RequestRecord, attempt: Attempt) -> None:
         self.record = record
         self.attempt = attempt
+        self.texts: list[str] | None = [] if record.store_text else None  # store_text only
+
+    def relayed(self, chunk: Chunk) -> None:
+        self.attempt.relayed += 1
+        if self.texts is not None:
+            text = _chunk_text(chunk.data)
+            if text:
+                self.texts.append(text)
 
     def usage_chunk(self, chunk: Chunk) -> bytes:
         self.attempt.done(chunk.usage)
@@ -293,6 +314,8 @@ class StreamAccounting:
         return orjson.dumps(data)
 
     def ended(self, status: int, code: str | None) -> None:
+        if self.texts is not None:
+            self.record.answer_text = "".join(self.texts)
         self.record._finish(status, code)
 
 
@@ -318,6 +341,18 @@ def _add_energy(data: dict[str, Any], joules: float) -> None:
     usage = data.get("usage")
     if isinstance(usage, dict):
         usage["energy_joules"] = round(joules, 6)
+
+
+def _chunk_text(data: bytes) -> str | None:
+    """The first choice's text in a stream chunk (chat delta or completion text)."""
+    try:
+        for choice in orjson.loads(data)["choices"]:
+            if choice.get("index", 0) == 0:
+                text = choice["delta"].get("content") if "delta" in choice else choice.get("text")
+                return text if isinstance(text, str) else None
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return None
+    return None
 
 
 def _answer_text(completion: Completion) -> str | None:

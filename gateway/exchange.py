@@ -10,6 +10,7 @@ accounting (gateway/accounting.py).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,15 +59,17 @@ class Exchange:
     """
 
     def __init__(self, endpoint: Endpoint, body: dict[str, Any], record: RequestRecord,
-                 headers: dict[str, str], receive: Receive) -> None:
+                 headers: dict[str, str], receive: Receive,
+                 stop: asyncio.Future[None] | None = None) -> None:
         self.endpoint = endpoint
-        self.body = body
+        self.body = body  # validated: its options hold their validated values (schemas.py)
         self.record = record
         self.headers = headers
         self.stream = bool(body.get("stream"))
         options = body.get("stream_options")  # read now: a backend may change the body
         self.include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
         self._watcher = watch_disconnect(receive)
+        self._stop = stop  # the end of the shutdown grace (gateway/draining.py)
 
     async def answer(self, tier: str, backend: Backend, body: dict[str, Any]) -> Answer:
         """`tier` answers `body` the way the client asked: whole or streamed."""
@@ -80,7 +83,8 @@ class Exchange:
         try:
             with attempt.running():
                 completion = await until_disconnect(self._watcher,
-                                                    backend.create(self.endpoint, body))
+                                                    backend.create(self.endpoint, body),
+                                                    self._stop)
         except BackendError:
             attempt.done(None)
             raise
@@ -94,7 +98,7 @@ class Exchange:
         with attempt.running():
             chunks = backend.stream(self.endpoint, body)
             try:
-                first = await until_disconnect(self._watcher, anext(chunks, None))
+                first = await until_disconnect(self._watcher, anext(chunks, None), self._stop)
             except BaseException as exc:
                 await chunks.aclose()
                 if isinstance(exc, BackendError):
@@ -110,8 +114,8 @@ class Exchange:
             observer = self.record.streaming(answer.attempt)
             headers["cache-control"] = "no-cache"
             headers["x-accel-buffering"] = "no"  # nginx: do not buffer the event stream
-            events = sse_events(answer.first, answer.rest, include_usage, observer)
-            return EventStreamResponse(events, self._watcher, headers)
+            events = sse_events(answer.first, answer.rest, include_usage, observer, self._stop)
+            return EventStreamResponse(events, self._watcher, headers, self._stop)
         self.close()
         completion = self.record.answer(answer.attempt, answer.completion, headers)
         if not self.stream:

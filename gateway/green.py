@@ -2,9 +2,11 @@
 
 Every tier of the plan but the last is a cascade stage: asked for a capped, non-streamed answer
 with logprobs (gateway/cascade.py), kept if the router trusts it, else the next tier is tried.
-The last tier answers as the client asked. A tier that fails (5xx) hands the request on to the
-next, or, past the plan's end, to the next larger tier; when none is left, the best stage answer
-so far goes back marked as degraded. A 4xx is the request's own fault and goes back at once.
+The last tier answers as the client asked. A tier that fails (5xx), or refuses the request
+(4xx: it asks for what this tier cannot do, such as n > 1, tools, image parts or a prompt longer
+than its context), hands it on to the next, or, past the plan's end, to the next larger tier.
+When none is left, a 4xx goes back as the last tier gave it (every tier refused: the request
+itself is at fault), and after a 5xx the best stage answer so far goes back marked as degraded.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from greenroute.backends.base import Backend, BackendError, Completion
 from greenroute.gateway import cascade
 from greenroute.gateway import headers as h
 from greenroute.gateway.exchange import Answer, Exchange, Whole
+from greenroute.gateway.health import HealthMonitor
 from greenroute.gateway.plan import RoutedPlan, parse_target
 from greenroute.routers.routing_text import routing_text
 from greenroute.routers.service import Decision, RouterService
@@ -27,9 +30,11 @@ class GreenRoute:
     """Answers `green` requests over the tiers' backends, with one loaded router."""
 
     def __init__(self, router: RouterService, backends: Mapping[str, Backend], *,
-                 default_target: float | None, cascade_max_tokens: int) -> None:
+                 default_target: float | None, cascade_max_tokens: int,
+                 health: HealthMonitor) -> None:
         self.router = router
         self.backends = backends
+        self.health = health  # a tier whose breaker is open fails at once (BreakerOpen)
         self.configured_target = default_target
         self.cap = cascade_max_tokens
 
@@ -65,23 +70,25 @@ class GreenRoute:
             headers[h.TRIED] = ",".join(stages[:position + 1])
             backend = self.backends[tier]
             try:
-                if last:
-                    return await exchange.answer(tier, backend, dict(exchange.body))
-                stage = await exchange.create(tier, backend, cascade.stage_body(
-                    exchange.endpoint, exchange.body, self.cap))
+                with self.health.guard(tier):
+                    if last:
+                        return await exchange.answer(tier, backend, dict(exchange.body))
+                    stage = await exchange.create(tier, backend, cascade.stage_body(
+                        exchange.endpoint, exchange.body, self.cap))
             except BackendError as exc:
-                if exc.status < 500:
-                    raise  # the request itself is at fault: no other tier will do better
-                log.warning("request %s: tier %s failed (%s); trying the next", record.id,
-                            tier, exc.code)
+                # A 4xx is this tier's limit until every tier has refused: a larger one may
+                # take the request (the embedded tier's n = 1, its context length).
+                log.log(logging.INFO if exc.status < 500 else logging.WARNING,
+                        "request %s: tier %s %s (%s); trying the next", record.id, tier,
+                        "refused it" if exc.status < 500 else "failed", exc.code)
                 if not last:
                     continue
                 larger = self._next_larger(tier, stages)
                 if larger is not None:
                     stages.append(larger)
                     continue
-                if fallback is None:
-                    raise
+                if fallback is None or exc.status < 500:
+                    raise  # a refusal is not replaced by a degraded answer
                 headers[h.DEGRADED] = f"{tier} failed ({exc.code})"
                 headers[h.MODEL] = fallback.attempt.tier
                 return fallback

@@ -26,7 +26,7 @@ from greenroute.gateway.ledger.schema import AttemptRow
 J_PER_WH = 3600.0
 J_PER_KWH = 3.6e6
 RATINGS = "ABCDE"
-RATING_SCALE = ("joules per output token relative to the most efficient tier in the window: "
+RATING_SCALE = ("energy per output token relative to the most efficient tier in the window: "
                 "A under 2x, B under 4x, C under 8x, D under 16x, E 16x or more")
 ESTIMATE_NOTE = "ESTIMATE: CPU time x watts per core, not a measurement"
 # The EU energy label's colours, A (dark green) to E (red).
@@ -50,7 +50,8 @@ class Label:
     requests: int  # attempts on this tier, answered or not
     answered: int
     metered: int  # attempts with joules
-    output_tokens: int  # of the metered attempts
+    output_tokens: int
+    metered_output_tokens: int  # of the metered attempts: the per-token figure's denominator
     joules: float
     wh_per_1k_requests: float | None
     wh_per_1k_output_tokens: float | None
@@ -75,12 +76,13 @@ def rating(ratio: float) -> str:
 
 
 def tier_labels(attempts: Iterable[AttemptRow], grid: float) -> list[Label]:
-    """The cards of every tier with attempts, rated against each other, by tier name."""
+    """The cards of every tier with attempts, rated against each other: the most efficient
+    first, unrated tiers last (by name)."""
     by_tier: dict[str, list[AttemptRow]] = defaultdict(list)
     for attempt in attempts:
         by_tier[attempt.tier].append(attempt)
-    labels = [_label(tier, rows, grid) for tier, rows in sorted(by_tier.items())]
-    return rate(labels)
+    labels = rate([_label(tier, rows, grid) for tier, rows in sorted(by_tier.items())])
+    return sorted(labels, key=lambda x: (x.relative_to_best is None, x.relative_to_best or 0))
 
 
 def _label(tier: str, rows: Sequence[AttemptRow], grid: float) -> Label:
@@ -90,7 +92,8 @@ def _label(tier: str, rows: Sequence[AttemptRow], grid: float) -> Label:
     sources = sorted({a.energy_source for a in metered if a.energy_source})
     return Label(
         tier=tier, requests=len(rows), answered=sum(1 for a in rows if a.answered),
-        metered=len(metered), output_tokens=output, joules=joules,
+        metered=len(metered), output_tokens=sum(a.completion_tokens or 0 for a in rows),
+        metered_output_tokens=output, joules=joules,
         wh_per_1k_requests=joules / J_PER_WH / len(metered) * 1000 if metered else None,
         wh_per_1k_output_tokens=joules / J_PER_WH / output * 1000 if output else None,
         gco2_per_1k_requests=joules / J_PER_KWH * grid / len(metered) * 1000 if metered
@@ -121,6 +124,8 @@ def with_quality(labels: Sequence[Label], outcomes: str | Path) -> list[Label]:
     from greenroute.evals import outcomes as tables  # numpy: only when a table is asked for
 
     rows = tables.read_rows(outcomes)
+    if not rows:
+        raise tables.OutcomeError(f"no outcome rows in {outcomes}")
     ids: dict[str, set[str]] = defaultdict(set)
     for row in rows.values():
         for model, result in row["models"].items():
@@ -134,6 +139,10 @@ def with_quality(labels: Sequence[Label], outcomes: str | Path) -> list[Label]:
             matched[label.tier] = label.tier
         elif by_id:
             matched[label.tier] = by_id[0]
+    if not matched and labels:
+        raise tables.OutcomeError(
+            f"{outcomes}: no tier ({', '.join(x.tier for x in labels)}) is one of its models "
+            f"({', '.join(sorted(names))}) by name or by model_id")
     if not matched:
         return list(labels)
     table = tables.load_table(outcomes, sorted(set(matched.values())))
@@ -158,8 +167,18 @@ def notes(labels: Sequence[Label]) -> list[str]:
 
 # -- output -----------------------------------------------------------------------------------
 
-def _num(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
+def _num(value: float | None, significant: int = 3) -> str:
+    """A figure to `significant` digits, never in exponent form (0.000123, 1.23, 1,235)."""
+    if value is None:
+        return "-"
+    if value == 0:
+        return "0"
+    digits = max(0, significant - 1 - math.floor(math.log10(abs(value))))
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.0f}x" if value >= 10 else f"{value:.2f}x"
 
 
 def card_lines(label: Label) -> list[str]:
@@ -175,10 +194,10 @@ def card_lines(label: Label) -> list[str]:
     return lines
 
 
-def _rating_text(label: Label) -> str:
-    if label.rating is None or label.relative_to_best is None:
-        return "unrated (no energy per output token)"
-    return f"{label.rating}  ({label.relative_to_best:.2f}x the best J/output token)"
+def _rating_detail(label: Label) -> str:
+    if label.relative_to_best is None:
+        return "unrated: no energy per output token"
+    return f"{_ratio(label.relative_to_best)} the best energy per output token"
 
 
 def render_cards(labels: Sequence[Label], header: str, out: Any) -> None:
@@ -193,7 +212,8 @@ def render_cards(labels: Sequence[Label], header: str, out: Any) -> None:
     panels = []
     for label in labels:
         text = Text()
-        text.append("rating " + _rating_text(label) + "\n", style="bold")
+        letter = f"{label.rating}: " if label.rating else ""
+        text.append(f"rating {letter}{_rating_detail(label)}\n", style="bold")
         text.append("\n".join(card_lines(label)) + "\n")
         text.append(label.source_text, style="bold red" if label.estimate else "")
         panels.append(Panel(text, title=f"[bold]{label.tier}[/bold]", width=58))
@@ -206,15 +226,16 @@ def render_cards(labels: Sequence[Label], header: str, out: Any) -> None:
 def csv_rows(labels: Sequence[Label]) -> list[list[Any]]:
     header = ["tier", "rating", "relative_to_best", "wh_per_1k_requests",
               "wh_per_1k_output_tokens", "gco2_per_1k_requests", "quality", "quality_model",
-              "quality_prompts", "requests", "answered", "metered", "output_tokens", "joules",
-              "energy_sources"]
+              "quality_prompts", "requests", "answered", "metered", "output_tokens",
+              "metered_output_tokens", "joules", "energy_sources"]
     rows: list[list[Any]] = [header]
     for x in labels:
         q = x.quality
         rows.append([x.tier, x.rating, x.relative_to_best, x.wh_per_1k_requests,
                      x.wh_per_1k_output_tokens, x.gco2_per_1k_requests,
                      q.mean if q else None, q.model if q else None, q.prompts if q else None,
-                     x.requests, x.answered, x.metered, x.output_tokens, x.joules,
+                     x.requests, x.answered, x.metered, x.output_tokens,
+                     x.metered_output_tokens, x.joules,
                      "+".join(x.energy_sources)])
     return [["" if v is None else v for v in row] for row in rows]
 
@@ -248,17 +269,14 @@ def plot_cards(labels: Sequence[Label], path: str, subtitle: str) -> None:
             ax.add_patch(Rectangle((0.06, y), 0.22 + 0.07 * step, 0.055, color=colour))
             ax.text(0.08, y + 0.027, letter, va="center", fontsize=11, fontweight="bold")
             if letter == label.rating:
-                ax.annotate("", xy=(0.30 + 0.07 * step, y + 0.027),
-                            xytext=(0.62, y + 0.027),
+                ax.annotate("", xy=(0.30 + 0.07 * step, y + 0.027), xytext=(0.72, y + 0.027),
                             arrowprops={"arrowstyle": "-|>", "lw": 2, "color": "black"})
-                ax.text(0.64, y + 0.027, f"{letter}", va="center", fontsize=22,
+                ax.text(0.80, y + 0.027, letter, ha="center", va="center", fontsize=24,
                         fontweight="bold")
-                ax.text(0.75, y + 0.027, f"{label.relative_to_best:.2f}x\nbest", va="center",
-                        fontsize=9)
-        if label.rating is None:
-            ax.text(0.64, 0.67, "unrated", va="center", fontsize=12)
+        ax.text(0.06, 0.49, _rating_detail(label), va="center", fontsize=9,
+                style="italic")
         for line_no, line in enumerate(card_lines(label)):
-            ax.text(0.06, 0.44 - line_no * 0.06, line, va="center", fontsize=9.5,
+            ax.text(0.06, 0.41 - line_no * 0.055, line, va="center", fontsize=9.5,
                     fontweight="bold" if line_no < 2 else "normal")
         band = "#ed1c24" if label.estimate else "#dddddd"
         ax.add_patch(Rectangle((0.04, 0.04), 0.92, 0.075, color=band))

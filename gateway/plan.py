@@ -71,6 +71,22 @@ class Planner:
                 f"no router configured yet. Request a tier by name instead: "
                 f"{', '.join(self.tier_names)}.",
                 param="model", code="router_not_configured")
-        raise APIError(404, f"The model `{model}` does not exist. Available models: "
-                            f"{', '.join(self.tier_names)}.",
-                       param="model", code="model_not_found")
+        raise self._not_found(model)
+
+    def card_name(self, model: str) -> str:
+        """The listed model that `model` names, for `GET /v1/models/{model}`: a tier, or
+        `green`, which is listed with or without a router (`green-<target>` needs one)."""
+        if model == RESERVED_MODEL:
+            return RESERVED_MODEL
+        plan = self._plans.get(model)
+        if plan is not None:
+            return plan.tier
+        if is_reserved(model) and self.routed:
+            self.plan(model)  # a bad target (green-2) is a 400, as for a request
+            return RESERVED_MODEL
+        raise self._not_found(model)
+
+    def _not_found(self, model: str) -> APIError:
+        return APIError(404, f"The model `{model}` does not exist. Available models: "
+                             f"{', '.join(self.tier_names)}.",
+                        param="model", code="model_not_found")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import os
 import re
 import sys
 from collections import defaultdict
@@ -53,7 +54,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
                     "largest tier. Opens the database read-only.",
         epilog="examples:\n  greenroute report --since 24h\n"
                "  greenroute report --from 2025-01-01 --to 2025-02-01 --by model,day "
-               "--format csv\n  greenroute report --since 7d --plot energy.png",
+               "--format csv\n  greenroute report --since 7d --plot energy.png\n"
+               "  greenroute report --labels --outcomes evals/outcomes/embedded.jsonl "
+               "--plot labels.png",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", metavar="PATH|URL", help="ledger database: a SQLite file or a "
                         "SQLAlchemy URL (default: the config's [ledger], else the default path)")
@@ -431,6 +434,8 @@ def run_labels(args: argparse.Namespace, ledger: Ledger, *, grid: float, start: 
         cards = labels.with_quality(cards, args.outcomes)
     span = f"from {_day(start) or 'the start'} to {_day(end) or 'now'} (UTC)"
     header = f"{span}; grid {grid:g} gCO2/kWh"
+    if args.outcomes:
+        header += f"; quality from {os.path.basename(args.outcomes)}"
     if args.plot:
         labels.plot_cards(cards, args.plot, f"{_short(database)}\n{header}")
     if args.format == "json":
@@ -455,7 +460,7 @@ def _short(database: str, keep: int = 70) -> str:
 
 
 def _day(value: datetime | None) -> str | None:
-    return value.strftime("%Y-%m-%d %H:%M") if value else None
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else None
 
 
 def _write_json(value: Any) -> None:

@@ -3,7 +3,9 @@
 A client that disconnects must cancel the upstream generation at once, even while the upstream
 is silent (a long prompt being processed, a hung server): waiting for the next write to fail is
 not enough. So both the event stream and non-streamed requests listen for `http.disconnect`
-beside the work, and cancel the work when it comes.
+beside the work, and cancel the work when it comes. They listen the same way for the end of the
+server's shutdown grace (gateway/draining.py): work still running then is cancelled too, but the
+client is told, with a 503 or a final error event.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from typing import Protocol, TypeVar
 
 import orjson
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from greenroute.backends.base import BackendError, Chunk, ChunkStream
-from greenroute.gateway.errors import APIError, server_error
+from greenroute.gateway.errors import APIError, server_error, shutting_down
 
 log = logging.getLogger("greenroute.gateway")
 T = TypeVar("T")
@@ -28,6 +30,10 @@ DONE = b"data: [DONE]\n\n"
 
 class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
+
+
+class Stopped(Exception):
+    """The server's shutdown grace ended before the answer was ready."""
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
@@ -40,11 +46,14 @@ def watch_disconnect(receive: Receive) -> asyncio.Future[None]:
     return asyncio.ensure_future(_wait_for_disconnect(receive))
 
 
-async def until_disconnect(watcher: asyncio.Future[None], work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it and raising ClientGone if `watcher` completes first."""
+async def until_disconnect(watcher: asyncio.Future[None], work: Awaitable[T],
+                           stop: asyncio.Future[None] | None = None) -> T:
+    """Await `work`, cancelling it and raising ClientGone if `watcher` completes first, or
+    Stopped if `stop` (the end of the shutdown grace) does."""
     task = asyncio.ensure_future(work)
+    waits = (task, watcher) if stop is None else (task, watcher, stop)
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         task.cancel()
         raise
@@ -52,12 +61,17 @@ async def until_disconnect(watcher: asyncio.Future[None], work: Awaitable[T]) ->
         return task.result()
     task.cancel()
     await asyncio.wait((task,))  # let the work see its cancellation and clean up first
-    raise ClientGone
+    if watcher.done():
+        raise ClientGone
+    raise Stopped
 
 
 class StreamObserver(Protocol):
-    """What the gateway's accounting sees of a stream: the chunk carrying usage (its returned
-    bytes replace the chunk's: they add the energy), and how the stream ended."""
+    """What the gateway's accounting sees of a stream: every answer chunk relayed, the chunk
+    carrying usage (its returned bytes replace the chunk's: they add the energy), and how the
+    stream ended."""
+
+    def relayed(self, chunk: Chunk) -> None: ...
 
     def usage_chunk(self, chunk: Chunk) -> bytes: ...
 
@@ -65,11 +79,14 @@ class StreamObserver(Protocol):
 
 
 async def sse_events(first: Sequence[Chunk] | None, rest: ChunkStream, include_usage: bool,
-                     observer: StreamObserver | None = None) -> AsyncIterator[bytes]:
+                     observer: StreamObserver | None = None,
+                     stop: asyncio.Future[None] | None = None) -> AsyncIterator[bytes]:
     """Encode batches of chunks as SSE, one write per batch; a failure after the first byte
     becomes an error event.
 
-    The usage-only chunk is forwarded only to clients that asked for it, as OpenAI does.
+    The usage-only chunk is forwarded only to clients that asked for it, as OpenAI does. A
+    stream cancelled once `stop` is done was cut by the end of the shutdown grace, not by its
+    client: EventStreamResponse sends its error event.
     """
     status: int = 499  # unless it gets to the end or to an error
     code: str | None = "client_closed"
@@ -79,8 +96,11 @@ async def sse_events(first: Sequence[Chunk] | None, rest: ChunkStream, include_u
             parts = []
             for chunk in batch:
                 data = chunk.data
-                if chunk.usage is not None and observer is not None:
-                    data = observer.usage_chunk(chunk)
+                if observer is not None:
+                    if chunk.usage is not None:
+                        data = observer.usage_chunk(chunk)
+                    if not chunk.usage_only:
+                        observer.relayed(chunk)
                 if include_usage or not chunk.usage_only:
                     parts.append(b"data: " + data + b"\n\n")
             if parts:
@@ -98,6 +118,9 @@ async def sse_events(first: Sequence[Chunk] | None, rest: ChunkStream, include_u
         status, code = error.status, error.code
         yield b"data: " + orjson.dumps(error.body()) + b"\n\n"
     finally:
+        if status == 499 and stop is not None and stop.done():
+            error = shutting_down()
+            status, code = error.status, error.code
         try:
             await rest.aclose()  # also on cancellation (client gone): it closes the upstream
         finally:
@@ -106,7 +129,8 @@ async def sse_events(first: Sequence[Chunk] | None, rest: ChunkStream, include_u
 
 
 class EventStreamResponse(StreamingResponse):
-    """A streaming response that stops (and so closes its source) when the client disconnects.
+    """A streaming response that stops (and so closes its source) when the client disconnects,
+    or when the shutdown grace ends (`stop`), which it tells the client with an error event.
 
     `watcher` completes on disconnect (see `watch_disconnect`); one watcher serves the whole
     request, from waiting for the first chunk to the last byte.
@@ -115,20 +139,46 @@ class EventStreamResponse(StreamingResponse):
     media_type = "text/event-stream"
 
     def __init__(self, content: AsyncIterator[bytes], watcher: asyncio.Future[None],
-                 headers: dict[str, str]) -> None:
+                 headers: dict[str, str], stop: asyncio.Future[None] | None = None) -> None:
         super().__init__(content, headers=headers)
         self.watcher = watcher
+        self.stop = stop
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        stream = asyncio.ensure_future(self.stream_response(send))
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        stream = asyncio.ensure_future(self.stream_response(sending))
+        waits = (stream, self.watcher) if self.stop is None else (stream, self.watcher,
+                                                                   self.stop)
+        left = False
         try:
-            await asyncio.wait((stream, self.watcher), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            left = self.watcher.done()
         finally:
             if not stream.done():
-                stream.cancel()  # the client left: the generator's finally closes the upstream
+                stream.cancel()  # the generator's finally closes the upstream
                 await asyncio.wait((stream,))
             self.watcher.cancel()
+        if stream.cancelled() and not left:
+            await self._stopped(send, started)  # not the client: the shutdown grace ended
+            return
         if not stream.cancelled() and isinstance(stream.exception(), OSError):
             return  # the client went away between two writes
         if not stream.cancelled():
             stream.result()
+
+    async def _stopped(self, send: Send, started: bool) -> None:
+        """End a stream cut by the shutdown with an OpenAI-shaped error event."""
+        try:
+            if not started:
+                await send({"type": "http.response.start", "status": self.status_code,
+                            "headers": self.raw_headers})
+            await send({"type": "http.response.body", "more_body": False,
+                        "body": b"data: " + orjson.dumps(shutting_down().body()) + b"\n\n"})
+        except OSError:
+            pass  # the client left as well

@@ -1,4 +1,4 @@
-"""Routing decisions for model `green`: the trained router and cascade (tracked in issue 6).
-
-The gateway reserves `green` and answers it with a clear error until a router is configured.
-"""
+"""Serving-time routing for model `green`: the router kinds (models.py, one registry), the
+cascade's confidence model, the policy that turns scores into a plan of tiers, the calibration
+bound, the artifact, and the live RouterService. Training and evaluation live in the harness
+(evals/), which imports this package; nothing here imports evals/ or the gateway."""

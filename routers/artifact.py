@@ -109,7 +109,18 @@ def _thresholds_json(thresholds: dict[float, int | None]) -> dict[str, Any]:
 
 
 def _thresholds(stored: dict[str, Any]) -> dict[float, int | None]:
-    return {float(t): (None if v is None else int(v["candidate"])) for t, v in stored.items()}
+    """Target -> candidate index, found by the threshold's value, so that an artifact written
+    with a coarser grid of candidates (version 1 before cross-fitting: steps of 0.005) loads."""
+    return {float(t): (None if v is None else _candidate(float(v["threshold"])))
+            for t, v in stored.items()}
+
+
+def _candidate(threshold: float) -> int:
+    found = np.flatnonzero(np.isclose(CANDIDATES, threshold, rtol=0, atol=1e-9))
+    if not found.size:
+        raise ArtifactError(f"threshold {threshold} is not on this GreenRoute's grid of "
+                            "candidates; retrain the router with `greenroute train`")
+    return int(found[0])
 
 
 def load(path: str | Path, encoder: Encoder | None = None,
@@ -140,6 +151,9 @@ def load(path: str | Path, encoder: Encoder | None = None,
         if entry.get("cascade"):
             step.confidence = ConfidenceModel.from_state(_prefixed(arrays, "confidence"))
             step.keep_edges, step.keep_rates = arrays["keep.edges"], arrays["keep.rates"]
+            if len(step.keep_rates) != len(CANDIDATES):
+                raise ArtifactError(f"{path}: its cascade was tabulated on another grid of "
+                                    "thresholds; retrain the router with `greenroute train`")
         steps.append(step)
     by_delta = {float(d): _thresholds(t)
                 for d, t in manifest.get("thresholds_by_delta", {}).items()}

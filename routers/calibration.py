@@ -1,16 +1,17 @@
 """Calibration: turn a quality target into a threshold that keeps it on new traffic.
 
 A target tau asks that answers keep tau of the largest tier's quality: mean(q_routed) >=
-tau x mean(q_large). On held-out calibration prompts every candidate threshold has a known
-per-prompt margin d_i = q_routed,i - tau x q_large,i, and the target holds in expectation
-exactly when E[d] >= 0. The mean of d on a few hundred prompts is noisy, so a threshold is
-accepted only when a *lower confidence bound* of E[d] at level delta is >= 0:
+tau x mean(q_large). On calibration prompts (every training prompt's cross-fitted outcome,
+evals/training.py) every candidate threshold has a known per-prompt margin
+d_i = q_routed,i - tau x q_large,i, and the target holds in expectation exactly when
+E[d] >= 0. The mean of d is noisy, so a threshold is accepted only when a *lower confidence
+bound* of E[d] at level delta is >= 0:
 
 - The bound is Waudby-Smith & Ramdas' betting confidence bound for bounded variables
   ("Estimating means of bounded random variables by betting", JRSS-B 2024, predictable
-  plug-in bets): valid for any sample size, with no normality assumption, and nearly as tight
-  as a CLT interval when the variance is small, which it is here (most prompts route the
-  same way under neighbouring thresholds).
+  plug-in bets): valid for any sample size, with no normality assumption, and adapted to the
+  variance, which is small here (most prompts route the same way under neighbouring
+  thresholds); its half-width is about 2 standard errors where a CLT interval's is 1.3.
 - Candidates are tested in a fixed order, from the most conservative (everything to the
   largest tier) to the cheapest, stopping at the first that fails (fixed-sequence testing,
   as in Learn-then-Test, Angelopoulos et al. 2021). The chance that any accepted threshold

@@ -134,7 +134,10 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path,
                          for name, kind, extra in tiers)
         text += (f'[router]\npath = "{router}"\ndefault_target = 0.5\n'
                  f'cascade_max_tokens = 64\n\n'
-                 f'[ledger]\npath = "{ledger}"\nflush_interval_s = 0.1\n')
+                 f'[ledger]\npath = "{ledger}"\nflush_interval_s = 0.1\n'
+                 # These tiers fail on purpose, each to show how its failure maps to a status;
+                 # no breaker may open in between (breakers: tests/test_fallbacks.py).
+                 '[health]\ninterval_s = 0\nfailure_threshold = 1000\n')
         gw = start_gateway(text, tmp, server=f"max_body_bytes = {MAX_BODY}", ledger=ledger)
         try:
             yield gw

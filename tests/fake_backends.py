@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ import openai
 import orjson
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
+from starlette.types import Message
 
 from greenroute.backends.base import BackendError, Chunk, Completion, Endpoint, Usage
 from greenroute.gateway.app import create_app
@@ -43,6 +44,7 @@ class Reply:
     logprob: float = -0.1  # of every token, when the request asks for logprobs
     gives_logprobs: bool = True  # False: a backend that ignores `logprobs`
     fail: BackendError | None = None  # raised before any output
+    fail_calls: int | None = None  # with `fail`: only this many calls fail (None: all of them)
     fail_midstream: Exception | None = None  # raised after the first streamed batch
     hang: bool = False  # never answer; wait to be cancelled
     hang_midstream: bool = False  # stream the first batch, then wait to be cancelled
@@ -99,12 +101,12 @@ class FakeBackend:
         return Completion(_dumps(answer), usage)
 
     def stream(self, endpoint: Endpoint, body: dict[str, Any]
-               ) -> AsyncIterator[Sequence[Chunk]]:
+               ) -> AsyncGenerator[Sequence[Chunk], None]:
         self.calls.append((endpoint, body))
         return self._stream(endpoint, body)
 
     async def _stream(self, endpoint: Endpoint, body: dict[str, Any]
-                      ) -> AsyncIterator[Sequence[Chunk]]:
+                      ) -> AsyncGenerator[Sequence[Chunk], None]:
         finished = False
         try:
             await self._before_output()
@@ -116,17 +118,20 @@ class FakeBackend:
                 if position == 1 and self.reply.hang_midstream:
                     await self._hang()
                 logprobs = self._logprobs(endpoint, body, [token])
+                choice: dict[str, Any] = {"index": 0, "logprobs": logprobs,
+                                          "finish_reason": None}
                 if chat:
-                    delta = {"content": token} | ({"role": "assistant"} if position == 0
-                                                  else {})
-                    choice = {"index": 0, "delta": delta, "logprobs": logprobs,
-                              "finish_reason": None}
+                    choice["delta"] = {"content": token}
+                    if position == 0:
+                        choice["delta"]["role"] = "assistant"
                 else:
-                    choice = {"index": 0, "text": token, "logprobs": logprobs,
-                              "finish_reason": None}
+                    choice["text"] = token
                 yield [Chunk(self._chunk(endpoint, [choice]))]
             last: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
-            last |= {"delta": {}} if chat else {"text": ""}
+            if chat:
+                last["delta"] = {}
+            else:
+                last["text"] = ""
             usage = Usage(PROMPT_TOKENS, len(tokens))
             yield [Chunk(self._chunk(endpoint, [last])),
                    Chunk(self._chunk(endpoint, [], usage=_usage(usage)), usage=usage,
@@ -139,7 +144,8 @@ class FakeBackend:
     async def _before_output(self) -> None:
         if self.reply.hang:
             await self._hang()
-        if self.reply.fail is not None:
+        fail_calls = self.reply.fail_calls
+        if self.reply.fail is not None and (fail_calls is None or len(self.calls) <= fail_calls):
             raise self.reply.fail
 
     async def _hang(self) -> None:
@@ -262,15 +268,15 @@ async def asgi_call(app: Starlette, path: str, body: bytes, leave: asyncio.Event
                     exchange: Exchange) -> None:
     """POST `body` to `path`; the client disconnects when `leave` is set. The app's lifespan
     must already be running (`async with app.router.lifespan_context(app)`)."""
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
-             "query_string": b"", "root_path": "", "server": ("testserver", 80),
-             "client": ("127.0.0.1", 12345),
-             "headers": [(b"content-type", b"application/json"),
-                         (b"content-length", str(len(body)).encode())]}
+    scope: dict[str, Any] = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+        "root_path": "", "server": ("testserver", 80), "client": ("127.0.0.1", 12345),
+        "headers": [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())]}
     sent_body = False
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         nonlocal sent_body
         if not sent_body:
             sent_body = True
@@ -278,7 +284,7 @@ async def asgi_call(app: Starlette, path: str, body: bytes, leave: asyncio.Event
         await leave.wait()
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         if message["type"] == "http.response.start":
             exchange.status = message["status"]
             exchange.headers = {k.decode(): v.decode() for k, v in message["headers"]}

@@ -193,8 +193,8 @@ def test_a_health_check_that_raises_is_reported_not_raised(tmp_path: Path) -> No
     with serve(gateway_config(tier("small")), Broken("small")) as http:
         response = http.get("/health")
     assert response.status_code == 503
-    assert response.json()["tiers"]["small"] == {"ok": False,
-                                                 "error": "RuntimeError('no health here')"}
+    small = response.json()["tiers"]["small"]
+    assert (small["ok"], small["error"]) == (False, "RuntimeError('no health here')")
 
 
 def test_a_backend_error_maps_to_its_status_and_openai_shape(tmp_path: Path) -> None:

@@ -303,16 +303,18 @@ def test_with_nothing_larger_and_no_answer_kept_the_error_reaches_the_client(
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_4xx_from_a_stage_is_the_answer_no_other_tier_is_tried(router: Path, tiers: Tiers,
-                                                                  stream: bool) -> None:
+def test_a_4xx_from_every_tier_is_the_answer(router: Path, tiers: Tiers, stream: bool) -> None:
+    """A stage's 4xx hands the request to a larger tier (tests/test_app_hardening.py); the
+    last tier's 4xx goes back when every tier refused."""
     tiers.small.reply = Reply(fail=InvalidRequest("n must be 1", param="n"))
+    tiers.large.reply = Reply(fail=InvalidRequest("n must be 1", param="n"))
     with green(router, tiers) as http:
         response = chat(http, stream=stream)
     assert response.status_code == 400
     assert response.json()["error"] == {"message": "n must be 1",
                                         "type": "invalid_request_error", "param": "n",
                                         "code": "unsupported_parameter"}
-    assert tiers.tried() == ["small"]
+    assert tiers.tried() == ["small", "large"]
     row, _ = ledger(tiers.db, response.headers["x-request-id"])
     assert row is not None and (row["status"], row["error"]) == (400, "unsupported_parameter")
 

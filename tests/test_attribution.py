@@ -237,7 +237,7 @@ def test_energy_is_conserved_and_stays_within_lifetimes(scenario: dict) -> None:
     assert math.isclose(sum(p.attributed_j + p.idle_j for p in periods), total, rel_tol=1e-9,
                         abs_tol=1e-9)
     ordered = sorted(boundaries)
-    for track, spec in zip(tracks, scenario["requests"]):
+    for track, spec in zip(tracks, scenario["requests"], strict=True):
         assert track.joules >= 0
         if spec["queued_only"]:
             assert track.joules == 0

@@ -34,17 +34,22 @@ def default_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        while not _ready(url):
             assert process.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/models", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+            if time.monotonic() > deadline:
+                pytest.fail(f"greenroute serve did not answer within 120 s:\n{log.read_text()}")
+            time.sleep(0.2)
         yield url
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/models", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def test_the_shipped_router_is_trained_for_the_default_tiers() -> None:

@@ -25,6 +25,7 @@ import pytest
 from conftest import GREENROUTE, REPO, start_gateway, stop_gateway
 
 from greenroute.backends.fake_openai import FakeUpstream
+from greenroute.gateway.cli import main
 from greenroute.gateway.labels import rating
 
 WATTS = 300.0
@@ -109,9 +110,24 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     yield {"db": db, "tmp": tmp, "outcomes": _outcomes(tmp / "outcomes.jsonl")}
 
 
-def _report(run: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([GREENROUTE, "report", "--db", str(run["db"]), "--labels", *args],
+def _report(run: dict[str, Any], capsys: pytest.CaptureFixture[str],
+            *args: str) -> tuple[int, str, str]:
+    """`greenroute report --labels` in this process: (exit status, stdout, stderr)."""
+    status = main(["report", "--db", str(run["db"]), "--labels", *args])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.fixture(scope="module")
+def cards(run: dict[str, Any]) -> dict[str, Any]:
+    """The JSON report, from the installed command, with an outcome table and grid 500."""
+    done = subprocess.run([GREENROUTE, "report", "--db", str(run["db"]), "--labels",
+                           "--format", "json", "--grid-intensity", "500",
+                           "--outcomes", str(run["outcomes"])],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
 
 
 def _expected(db: Path, grid: float) -> dict[str, dict[str, Any]]:
@@ -132,11 +148,12 @@ def _expected(db: Path, grid: float) -> dict[str, dict[str, Any]]:
     return expected
 
 
-def test_cards_match_the_ledger_rows(run: dict[str, Any]) -> None:
-    done = _report(run, "--format", "json", "--grid-intensity", "500")
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
-    cards = {c["tier"]: c for c in report["labels"]}
+def _by_tier(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["tier"]: c for c in report["labels"]}
+
+
+def test_cards_match_the_ledger_rows(run: dict[str, Any], cards: dict[str, Any]) -> None:
+    report, cards = cards, _by_tier(cards)
     expected = _expected(run["db"], 500.0)
     assert sorted(cards) == sorted(expected) == sorted(SENT)
     for tier, card in cards.items():
@@ -149,16 +166,16 @@ def test_cards_match_the_ledger_rows(run: dict[str, Any]) -> None:
     assert cards["small"]["energy_sources"] == ["estimate"] and cards["small"]["estimate"]
     assert cards["large"]["energy_sources"] == ["prometheus"] and not cards["large"]["estimate"]
     assert cards["dark"]["metered"] == 0 and cards["dark"]["energy_sources"] == []
+    assert cards["dark"]["output_tokens"] > 0 and cards["dark"]["metered_output_tokens"] == 0
     assert cards["dark"]["wh_per_1k_requests"] is None and cards["dark"]["rating"] is None
     assert report["grid_gco2_per_kwh"] == 500.0
     assert any("small: energy is an estimate" in n for n in report["notes"])
     assert any("different sources" in n for n in report["notes"])
 
 
-def test_ratings_follow_energy_per_output_token(run: dict[str, Any]) -> None:
-    done = _report(run, "--format", "json")
-    assert done.returncode == 0, done.stderr
-    cards = {c["tier"]: c for c in json.loads(done.stdout)["labels"]}
+def test_ratings_follow_energy_per_output_token(run: dict[str, Any],
+                                                cards: dict[str, Any]) -> None:
+    report, cards = cards, _by_tier(cards)
     per_token = {t: e["wh_per_1k_output_tokens"] for t, e in _expected(run["db"], 1).items()
                  if e["metered"]}
     best = min(per_token, key=per_token.__getitem__)
@@ -169,6 +186,8 @@ def test_ratings_follow_energy_per_output_token(run: dict[str, Any]) -> None:
         assert cards[tier]["rating"] == "ABCDE"[min(int(math.log2(ratio)), 4)]
     worse, better = sorted(per_token, key=per_token.__getitem__, reverse=True)
     assert cards[worse]["rating"] >= cards[better]["rating"]  # later letters: more energy
+    # The cards come most efficient first, the unrated last.
+    assert [c["tier"] for c in report["labels"]] == [better, worse, "dark"]
 
 
 def test_rating_scale_doubles_per_letter() -> None:
@@ -176,23 +195,22 @@ def test_rating_scale_doubles_per_letter() -> None:
         ["A", "A", "B", "B", "C", "D", "D", "E", "E"]
 
 
-def test_quality_comes_from_the_outcome_table(run: dict[str, Any]) -> None:
-    done = _report(run, "--format", "json", "--outcomes", str(run["outcomes"]))
-    assert done.returncode == 0, done.stderr
-    cards = {c["tier"]: c for c in json.loads(done.stdout)["labels"]}
+def test_quality_comes_from_the_outcome_table(cards: dict[str, Any]) -> None:
+    cards = _by_tier(cards)
     # Over q0, q1, q2, q4 (q3 failed for small): small 2/4, echo-model 3/4.
     assert cards["small"]["quality"] == {"model": "small", "mean": 0.5, "prompts": 4}
     assert cards["large"]["quality"] == {"model": "echo-model", "mean": 0.75, "prompts": 4}
     assert cards["dark"]["quality"] == cards["large"]["quality"]  # the same upstream model
 
 
-def test_table_shows_the_source_and_plot_writes_the_cards(run: dict[str, Any]) -> None:
+def test_table_shows_the_source_and_plot_writes_the_cards(
+        run: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     from PIL import Image
 
     png = run["tmp"] / "labels.png"
-    done = _report(run, "--plot", str(png), "--outcomes", str(run["outcomes"]))
-    assert done.returncode == 0, done.stderr
-    text = done.stdout
+    status, text, err = _report(run, capsys, "--plot", str(png),
+                                "--outcomes", str(run["outcomes"]))
+    assert status == 0, err
     assert "GreenRoute energy labels" in text
     assert "ESTIMATE: CPU time x watts per core, not a measurement" in text
     assert "measured: prometheus" in text and "not metered" in text
@@ -202,23 +220,42 @@ def test_table_shows_the_source_and_plot_writes_the_cards(run: dict[str, Any]) -
         assert len(image.getcolors(1 << 20) or []) > 10  # drawn, not blank
 
 
-def test_csv_has_one_row_per_tier(run: dict[str, Any]) -> None:
-    done = _report(run, "--format", "csv")
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+def test_csv_has_one_row_per_tier(run: dict[str, Any],
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = _report(run, capsys, "--format", "csv")
+    assert status == 0, err
+    lines = out.splitlines()
     assert lines[0].startswith("tier,rating,relative_to_best,wh_per_1k_requests")
     assert sorted(line.split(",")[0] for line in lines[1:]) == sorted(SENT)
 
 
-def test_the_window_applies_to_the_cards(run: dict[str, Any]) -> None:
-    done = _report(run, "--format", "json", "--from", "2001-01-01", "--to", "2001-01-02")
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["labels"] == []
+def test_the_window_applies_to_the_cards(run: dict[str, Any],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = _report(run, capsys, "--format", "json", "--from", "2001-01-01",
+                               "--to", "2001-01-02")
+    assert status == 0, err
+    assert json.loads(out)["labels"] == []
+    status, out, err = _report(run, capsys, "--format", "json", "--since", "1h")
+    assert status == 0, err
+    assert len(json.loads(out)["labels"]) == len(SENT)
 
 
-def test_a_bad_outcome_table_is_a_clear_error(run: dict[str, Any]) -> None:
+def test_a_bad_outcome_table_is_a_clear_error(run: dict[str, Any],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
     bad = run["tmp"] / "bad.jsonl"
     bad.write_text('{"v": 9, "id": "x", "models": {}}\n{"v": 1}\n')
-    done = _report(run, "--outcomes", str(bad))
-    assert done.returncode == 2
-    assert "schema version 9" in done.stderr
+    status, _, err = _report(run, capsys, "--outcomes", str(bad))
+    assert status == 2
+    assert "schema version 9" in err
+
+
+def test_an_outcome_table_that_names_no_tier_is_a_clear_error(
+        run: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    other = run["tmp"] / "other.jsonl"
+    other.write_text(json.dumps({"v": 1, "id": "q", "task": "t", "prompt": "q", "gold": [],
+                                 "models": {"gpt": {"model_id": "gpt-x", "quality": 1.0}}}))
+    status, _, err = _report(run, capsys, "--outcomes", str(other))
+    assert status == 2
+    assert "no tier (small, large, dark) is one of its models (gpt)" in err
+    status, _, err = _report(run, capsys, "--outcomes", str(run["tmp"] / "missing.jsonl"))
+    assert status == 2 and "no outcome rows in" in err

@@ -29,8 +29,14 @@ ALLOWED: dict[str, frozenset[str]] = {
     "ledger": frozenset({"backends"}),
     "evals": frozenset({"backends", "routers", "config"}),
     "gateway": frozenset({"backends", "routers", "config", "ledger"}),
-    "cli": frozenset({"backends", "routers", "config", "ledger", "evals", "gateway"}),
+    # The admin commands read the ledger and, for energy labels, the harness's outcome tables.
+    "admin": frozenset({"backends", "routers", "config", "ledger", "evals"}),
+    "cli": frozenset({"backends", "routers", "config", "ledger", "evals", "gateway", "admin"}),
 }
+
+
+# greenroute.gateway modules of the admin commands
+ADMIN = ("report", "labels", "agent", "keys_command")
 
 
 def layer_of(module: str) -> str:
@@ -38,6 +44,8 @@ def layer_of(module: str) -> str:
     parts = module.split(".")
     if parts[1] == "gateway" and len(parts) > 2 and parts[2] in ("cli", "config", "ledger"):
         return parts[2]
+    if parts[1] == "gateway" and len(parts) > 2 and parts[2] in ADMIN:
+        return "admin"
     return parts[1]
 
 

@@ -10,14 +10,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import Connection, Engine, inspect, text
 from waiting import wait_until
 
 from greenroute.gateway.ledger import schema, store
 from greenroute.gateway.ledger.writer import LedgerWriter
 
 
-def _row(i: int) -> dict:
+def _row(i: int) -> dict[str, object]:
     return {"id": f"req-{i}", "created": datetime.now(UTC), "endpoint": "chat/completions",
             "status": 200, "latency_ms": 1.0, "joules": 0.5, "energy_source": "estimate"}
 
@@ -26,6 +26,8 @@ def _ids(db: Path) -> set[str]:
     if not db.exists():
         return set()
     with sqlite3.connect(db) as connection:
+        if not connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'requests'").fetchall():
+            return set()  # a database the writer has opened but not yet migrated
         return {r[0] for r in connection.execute("SELECT id FROM requests")}
 
 
@@ -126,14 +128,109 @@ def test_rows_that_cannot_be_written_at_shutdown_are_kept_for_the_next_start(
     assert not list(tmp_path.glob("ledger-unwritten-*.jsonl"))
 
 
-def test_a_fresh_database_matches_the_models(tmp_path: Path) -> None:
-    engine = store.open_engine(store.database_url(tmp_path / "l.db"))
-    assert store.migrate(engine) == store.latest_version()
-    assert store.migrate(engine) == store.latest_version()  # idempotent
+# The ledger as the first release (schema version 1) created it on SQLite, frozen here: the
+# migrations must bring a database of this shape, with its rows, to what the models create now.
+VERSION_1 = """
+CREATE TABLE requests (
+    id VARCHAR(64) NOT NULL, created DATETIME NOT NULL, key_id VARCHAR(128),
+    endpoint VARCHAR(32) NOT NULL, stream BOOLEAN NOT NULL, requested_model VARCHAR(256),
+    route VARCHAR(32), quality_target FLOAT, answered_by VARCHAR(128),
+    upstream_model VARCHAR(256), models_tried INTEGER NOT NULL, status INTEGER NOT NULL,
+    error VARCHAR(64), prompt_tokens INTEGER, completion_tokens INTEGER,
+    latency_ms FLOAT NOT NULL, ttft_ms FLOAT, joules FLOAT, joules_per_token FLOAT,
+    energy_source VARCHAR(64), prompt_text VARCHAR, answer_text VARCHAR, PRIMARY KEY (id));
+CREATE INDEX ix_requests_answered_by ON requests (answered_by);
+CREATE INDEX ix_requests_key_id ON requests (key_id);
+CREATE INDEX ix_requests_created ON requests (created);
+CREATE TABLE device_energy (
+    device VARCHAR(256) NOT NULL, started DATETIME NOT NULL, ended DATETIME NOT NULL,
+    source VARCHAR(32) NOT NULL, counter_start_j FLOAT NOT NULL, counter_end_j FLOAT NOT NULL,
+    measured_j FLOAT NOT NULL, attributed_j FLOAT NOT NULL, idle_j FLOAT NOT NULL,
+    intervals INTEGER NOT NULL, PRIMARY KEY (device, started));
+CREATE INDEX ix_device_energy_started ON device_energy (started);
+CREATE TABLE request_models (
+    request_id VARCHAR(64) NOT NULL, position INTEGER NOT NULL, tier VARCHAR(128) NOT NULL,
+    upstream_model VARCHAR(256), prompt_tokens INTEGER, completion_tokens INTEGER,
+    joules FLOAT, energy_source VARCHAR(32), device VARCHAR(256), answered BOOLEAN NOT NULL,
+    PRIMARY KEY (request_id, position), FOREIGN KEY(request_id) REFERENCES requests (id));
+CREATE INDEX ix_request_models_tier ON request_models (tier);
+CREATE TABLE ledger_version (version INTEGER NOT NULL);
+INSERT INTO ledger_version VALUES (1);
+INSERT INTO requests (id, created, endpoint, stream, models_tried, status, latency_ms, joules,
+                      answered_by)
+    VALUES ('req-old', '2026-01-02 03:04:05.000000', 'chat/completions', 0, 2, 200, 12.5, 3.25,
+            'large');
+INSERT INTO request_models (request_id, position, tier, joules, answered)
+    VALUES ('req-old', 0, 'small', 0.75, 0), ('req-old', 1, 'large', 2.5, 1);
+INSERT INTO device_energy VALUES ('cpu:host', '2026-01-02 03:04:00.000000',
+    '2026-01-02 03:04:10.000000', 'estimate', 100.0, 110.0, 10.0, 3.25, 6.75, 4);
+"""
+
+
+def _shape(engine: Engine) -> dict[str, object]:
+    """Every ledger table's columns (type, nullability), key, foreign keys and indices, in an
+    order-free form (a migration appends the columns it adds)."""
     inspector = inspect(engine)
-    for name, model in schema.TABLES.items():
-        columns = {c["name"] for c in inspector.get_columns(name)}
-        assert columns == set(model.model_fields), name
+    return {name: {
+        "columns": {c["name"]: (str(c["type"]), c["nullable"])
+                    for c in inspector.get_columns(name)},
+        "primary_key": inspector.get_pk_constraint(name)["constrained_columns"],
+        "foreign_keys": sorted((tuple(f["constrained_columns"]), f["referred_table"],
+                                tuple(f["referred_columns"]))
+                               for f in inspector.get_foreign_keys(name)),
+        "indices": sorted((i["name"], tuple(i["column_names"]), bool(i["unique"]))
+                          for i in inspector.get_indexes(name)),
+    } for name in sorted(inspector.get_table_names())}
+
+
+def test_a_version_1_ledger_migrates_to_the_models_schema_and_keeps_its_rows(
+        tmp_path: Path) -> None:
+    old = tmp_path / "old.db"
+    with sqlite3.connect(old) as connection:
+        connection.executescript(VERSION_1)
+    engine = store.open_engine(store.database_url(old))
+    assert store.migrate(engine) == store.latest_version() > store.BASE_VERSION
+    assert store.migrate(engine) == store.latest_version()  # idempotent
+
+    fresh = store.open_engine(store.database_url(tmp_path / "fresh.db"))
+    assert store.migrate(fresh) == store.latest_version()
+    assert _shape(engine) == _shape(fresh)
+    assert set(_shape(fresh)) == {*schema.TABLES, "ledger_version"}
+    fresh.dispose()
+
+    with engine.connect() as connection:
+        assert connection.execute(text(
+            "SELECT id, answered_by, joules, router_score FROM requests")).all() == \
+            [("req-old", "large", 3.25, None)]
+        assert connection.execute(text(
+            "SELECT tier, joules, answered FROM request_models ORDER BY position")).all() == \
+            [("small", 0.75, 0), ("large", 2.5, 1)]
+        assert connection.execute(text(
+            "SELECT measured_j, attributed_j, idle_j FROM device_energy")).all() == \
+            [(10.0, 3.25, 6.75)]
+        assert connection.execute(text("SELECT version FROM ledger_version ORDER BY version")
+                                  ).scalars().all() == \
+            list(range(store.BASE_VERSION, store.latest_version() + 1))
+    engine.dispose()
+
+    writer = _writer(old)  # today's writer, every column of the models, on the migrated file
+    writer.put("requests", {**_row(1), "router_score": 0.625, "route": "routed"})
+    writer.close()
+    assert writer.written == 1 and writer.last_error is None
+    with sqlite3.connect(old) as connection:
+        assert connection.execute("SELECT router_score FROM requests WHERE id = 'req-1'"
+                                  ).fetchone() == (0.625,)
+
+
+def test_a_ledger_stamped_1_that_has_router_score_migrates_too(tmp_path: Path) -> None:
+    """The column reached the models before its migration: such ledgers are stamped 1."""
+    db = tmp_path / "l.db"
+    engine = store.open_engine(store.database_url(db))
+    store.migrate(engine)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE ledger_version SET version = 1"))
+    assert store.migrate(engine) == store.latest_version()
+    assert "router_score" in {c["name"] for c in inspect(engine).get_columns("requests")}
     engine.dispose()
 
 
@@ -143,17 +240,18 @@ def test_migrations_upgrade_in_place_and_keep_rows(tmp_path: Path,
     writer = _writer(db)
     writer.put("requests", _row(1))
     writer.close()
+    current = store.latest_version()
 
-    def add_region(connection: object) -> None:
-        connection.execute(text("ALTER TABLE requests ADD COLUMN region VARCHAR(32)"))  # type: ignore
+    def add_region(connection: Connection) -> None:
+        connection.execute(text("ALTER TABLE requests ADD COLUMN region VARCHAR(32)"))
 
-    monkeypatch.setattr(store, "MIGRATIONS", [add_region])
+    monkeypatch.setattr(store, "MIGRATIONS", [*store.MIGRATIONS, add_region])
     engine = store.open_engine(store.database_url(db))
-    assert store.migrate(engine) == 2
+    assert store.migrate(engine) == current + 1
     with engine.connect() as connection:
         assert connection.execute(text("SELECT id, region FROM requests")).all() == \
             [("req-1", None)]
-        assert store.current_version(connection) == 2
+        assert store.current_version(connection) == current + 1
     monkeypatch.setattr(store, "MIGRATIONS", [])
     with pytest.raises(store.LedgerError, match="newer than this GreenRoute"):
         store.migrate(engine)

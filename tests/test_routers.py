@@ -11,6 +11,7 @@ import pytest
 from routing_fixtures import WORDS, static_encoder
 
 from greenroute.evals.training import TierData, TrainConfig, fit_policy
+from greenroute.gateway.config import GatewayConfig
 from greenroute.routers import artifact
 from greenroute.routers.artifact import ArtifactError
 from greenroute.routers.calibration import betting_lower_bound, choose
@@ -19,6 +20,7 @@ from greenroute.routers.encoders import StaticEncoder
 from greenroute.routers.features import FEATURES, logprob_features
 from greenroute.routers.models import KINDS, Target, make
 from greenroute.routers.policy import CANDIDATES, RoutingPolicy, Step, simulate
+from greenroute.routers.service import load_router
 
 
 def _planted(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -217,6 +219,18 @@ def test_artifact_serves_the_thresholds_of_the_delta_asked_for(tmp_path: Path) -
     with pytest.raises(ArtifactError, match="no thresholds calibrated at delta 0.2 "
                                             r"\(calibrated: 0.01, 0.1, 0.3\)"):
         artifact.load(path, delta=0.2)
+
+    def gateway(router: dict[str, object]) -> GatewayConfig:
+        tiers = [{"name": name, "backend": "openai", "url": "http://fake.invalid/v1",
+                  "model": name} for name in ("small", "large")]
+        return GatewayConfig.model_validate({"tiers": tiers, "router": router})
+
+    service = load_router(gateway({"path": str(path), "delta": 0.3}))  # `[router] delta`
+    assert service is not None and service.policy.thresholds == loose
+    service = load_router(gateway({"path": str(path)}))
+    assert service is not None and service.policy.thresholds == served
+    with pytest.raises(ArtifactError, match="delta 0.2"):
+        load_router(gateway({"path": str(path), "delta": 0.2}))
 
 
 def test_artifact_for_another_encoder_or_version_is_refused(tmp_path: Path) -> None:

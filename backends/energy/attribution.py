@@ -54,7 +54,6 @@ class Track:
     begun: float | None = None
     ended: float | None = None
     mark: float = 0.0  # tokens are reported up to here
-    tokens_total: float = 0.0
     joules: float = 0.0  # from settled intervals; the whole once `final`
     final: bool = False
 
@@ -85,8 +84,7 @@ class Interval:
     t0: float
     t1: float
     joules: float
-    counter0: float
-    counter1: float
+    counter1: float  # the meter's reading at t1
     weights: dict[Track, float] = field(default_factory=dict)  # tokens within [t0, t1]
 
 
@@ -154,7 +152,6 @@ class Device:
             at = now if at is None else min(max(at, track.mark), now)
             self._spread(track, n, track.mark, at)
             track.mark = at
-            track.tokens_total += n
 
     def _end(self, track: Track, at: float | None, only_unbegun: bool = False) -> None:
         with self._lock:
@@ -221,11 +218,6 @@ class Device:
             self._emit_period()
         self._notify(finals)
 
-    def flush_period(self) -> None:
-        """Emit the current period's totals now (e.g. before a report)."""
-        with self._lock:
-            self._emit_period()
-
     def _read_and_close(self, t: float) -> None:
         try:
             self._close(t, self.meter.read_joules())
@@ -245,8 +237,7 @@ class Device:
         if joules < 0:
             log.error("energy meter %s went backwards by %.3f J; counting 0", self.name, -joules)
             joules = 0.0
-        self._pending.append(Interval(self._open_t0, t, joules, self._open_counter, reading,
-                                      self._open_weights))
+        self._pending.append(Interval(self._open_t0, t, joules, reading, self._open_weights))
         self._open_t0, self._open_counter, self._open_weights = t, reading, {}
 
     # -- splitting ----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ T = TypeVar("T")
 def load_nvml() -> Any:
     """The pynvml module, or a MeterError saying how to get it."""
     try:
-        import pynvml
+        import pynvml  # type: ignore[import-untyped]  # nvidia-ml-py ships no type hints
     except ImportError:
         raise MeterError("the nvml meter needs nvidia-ml-py: pip install 'greenroute[gpu]'") \
             from None
@@ -114,12 +114,6 @@ class NvmlMeter:
                     mj = gpu.integrated_j * 1000.0
                 rows.append((gpu.index, uuid, name, mj))
         return rows
-
-    def close(self) -> None:
-        try:
-            self._nvml.nvmlShutdown()
-        except self._nvml.NVMLError:
-            pass
 
 
 def _text(value: Any) -> str:

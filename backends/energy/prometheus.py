@@ -106,7 +106,8 @@ class PrometheusMeter:
     def _scrape(self) -> str:
         try:
             with urllib.request.urlopen(self.url, timeout=self.timeout_s) as response:
-                return response.read().decode("utf-8", errors="replace")
+                body: bytes = response.read()
+                return body.decode("utf-8", errors="replace")
         except (urllib.error.URLError, OSError) as exc:
             raise MeterError(f"scraping {self.url}: {exc}") from exc
 

@@ -80,5 +80,35 @@ class DeviceEnergyRow(SQLModel, table=True):
     intervals: int
 
 
+class ApiKeyRow(SQLModel, table=True):
+    """A client key made by `greenroute keys create`: only the SHA-256 of its secret is kept
+    (gateway/ledger/keys.py says why a fast hash suffices), looked up by it on each request."""
+
+    __tablename__ = "api_keys"
+
+    digest: str = Field(primary_key=True, max_length=64)  # hex SHA-256 of the secret
+    id: str = Field(unique=True, max_length=128)  # what the ledger's key_id and reports show
+    created: datetime
+    revoked: datetime | None = None  # a revoked key stays, so its id is never reused
+    admin: bool = False
+    rpm: int | None = None  # requests per minute
+    tpm: int | None = None  # tokens (prompt + completion) per minute
+    joules_per_day: float | None = None  # energy per UTC day
+
+
+class KeyUsageRow(SQLModel, table=True):
+    """One key's use in one window (a UTC minute or day), summed over every replica: each adds
+    what it admitted since its last sync (gateway/limits.py)."""
+
+    __tablename__ = "key_usage"
+
+    key_id: str = Field(primary_key=True, max_length=128)
+    period: str = Field(primary_key=True, max_length=8)  # "minute" or "day"
+    window: int = Field(primary_key=True)  # the window's start, Unix seconds (UTC)
+    requests: int = 0
+    tokens: int = 0
+    joules: float = 0.0
+
+
 TABLES = {"requests": RequestRow, "request_models": AttemptRow,
-          "device_energy": DeviceEnergyRow}
+          "device_energy": DeviceEnergyRow, "api_keys": ApiKeyRow, "key_usage": KeyUsageRow}

@@ -23,8 +23,25 @@ DATA_ENV = "GREENROUTE_DATA_DIR"
 
 # Migration N (1-based) takes a database from version N to N + 1. Append, never edit.
 Migration = Callable[[Connection], None]
-MIGRATIONS: list[Migration] = []
-BASE_VERSION = 1  # the schema the first release created
+
+
+def _add_router_score(connection: Connection) -> None:
+    """1 -> 2: `requests.router_score`, model `green`'s router score. The column reached the
+    models without a migration, so ledgers stamped 1 exist both with it and without it."""
+    if "router_score" not in {c["name"] for c in inspect(connection).get_columns("requests")}:
+        connection.execute(text("ALTER TABLE requests ADD COLUMN router_score FLOAT"))
+
+
+def _add_keys_and_usage(connection: Connection) -> None:
+    """2 -> 3: `api_keys` (keys made by `greenroute keys`) and `key_usage` (their rate-limit
+    and energy-budget counters, shared by replicas)."""
+    new = (schema.ApiKeyRow, schema.KeyUsageRow)
+    tables = [model.__table__ for model in new]  # type: ignore[union-attr]
+    SQLModel.metadata.create_all(connection, tables=tables)
+
+
+MIGRATIONS: list[Migration] = [_add_router_score, _add_keys_and_usage]
+BASE_VERSION = 1  # the schema the first release created (tests/test_ledger.py keeps its DDL)
 MIGRATION_LOCK = 0x6772_6e72  # Postgres advisory lock key held while migrating ("grnr")
 
 
