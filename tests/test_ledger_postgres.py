@@ -21,7 +21,6 @@ from sqlalchemy import create_engine, text
 from waiting import wait_until
 
 from greenroute.backends.fake_openai import free_port
-from greenroute.gateway.ledger import store
 from greenroute.gateway.ledger.writer import LedgerWriter
 
 GREENROUTE = str(Path(sys.executable).parent / "greenroute")
@@ -136,26 +135,6 @@ def test_two_replicas_migrate_and_write_one_ledger_at_once(database: str) -> Non
     assert _count(database, "SELECT count(*) FROM requests") == 600
     assert _count(database, "SELECT count(DISTINCT version) FROM ledger_version") == \
         _count(database, "SELECT count(*) FROM ledger_version")  # each version recorded once
-
-
-def test_a_version_1_ledger_without_router_score_migrates_on_postgres(database: str) -> None:
-    writer = _writer(database)
-    writer.start()
-    for i in range(5):
-        writer.put("requests", _row(0, i))
-    wait_until(lambda: writer.written == 5)
-    writer.close()
-    engine = create_engine(database)
-    with engine.begin() as connection:  # back to the first release's shape, rows kept
-        connection.execute(text("ALTER TABLE requests DROP COLUMN router_score"))
-        connection.execute(text("DELETE FROM ledger_version"))
-        connection.execute(text("INSERT INTO ledger_version VALUES (1)"))
-    assert store.migrate(engine) == store.latest_version()
-    with engine.begin() as connection:
-        assert connection.execute(text(
-            "SELECT count(*), count(router_score) FROM requests")).one() == (5, 0)
-        connection.execute(text("UPDATE requests SET router_score = 0.5 WHERE id = 'r0-0'"))
-    engine.dispose()
 
 
 def test_rows_written_while_the_server_restarts_are_not_lost(cluster: Cluster,
