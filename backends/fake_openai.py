@@ -9,6 +9,9 @@ Behaviour is chosen by the requested model, so one server plays every upstream a
   error-500     fails with a 500
   error-503     answers 503
   vllm-legacy   refuses with older vLLM's error shape {"object": "error", "message": ...}
+  paced         like echo, but takes 5 ms per word, counted as it goes (for energy tests)
+`/metrics` serves vLLM's token counters over every answer (`vllm:prompt_tokens_total`,
+`vllm:generation_tokens_total`, `vllm:num_requests_running`), named and labelled as vLLM does.
 Also `DyingServer`: a raw TCP server that reads a request and closes the connection, before any
 response or (with `after_headers`) after one event of a stream.
 """
@@ -30,7 +33,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-MODELS = ["echo", "hang", "slow", "error-400", "error-500", "error-503", "vllm-legacy"]
+MODELS = ["echo", "hang", "slow", "error-400", "error-500", "error-503", "vllm-legacy", "paced"]
+PACE_S = 0.005
 
 
 @dataclass
@@ -43,6 +47,29 @@ class Record:
     streams_finished: int = 0
     streams_aborted: int = 0
     hangs_abandoned: list[float] = field(default_factory=list)  # seconds until the caller left
+    # vLLM's counters: tokens processed for every client, requests running now
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    running: int = 0
+
+
+def vllm_metrics(record: Record, model_name: str = "fake") -> str:
+    """vLLM's `/metrics` text for the counters (prometheus_client's format, as vLLM serves it:
+    a counter's samples end in `_total`, values are floats, labels `engine` and `model_name`)."""
+    labels = f'{{engine="0",model_name="{model_name}"}}'
+    families = [
+        ("vllm:num_requests_running", "Number of requests in model execution batches.",
+         "gauge", "", record.running),
+        ("vllm:prompt_tokens", "Number of prefill tokens processed.", "counter", "_total",
+         record.prompt_tokens),
+        ("vllm:generation_tokens", "Number of generation tokens processed.", "counter",
+         "_total", record.generation_tokens),
+    ]
+    lines = []
+    for name, help_text, kind, suffix, value in families:
+        lines += [f"# HELP {name}{suffix} {help_text}", f"# TYPE {name}{suffix} {kind}",
+                  f"{name}{suffix}{labels} {float(value)!r}"]
+    return "\n".join(lines) + "\n"
 
 
 def _completion(model: str, text: str, chat: bool) -> dict[str, Any]:
@@ -93,11 +120,23 @@ def build_app(record: Record) -> Starlette:
         else:
             text = "echo: " + str(body.get("prompt"))
         if not body.get("stream"):
+            record.running += 1
+            record.prompt_tokens += 7
+            try:
+                for _ in text.split():
+                    if model == "paced":
+                        await asyncio.sleep(PACE_S)
+                    record.generation_tokens += 1
+            finally:
+                record.running -= 1
             return Response(orjson.dumps(_completion(model, text, chat)),
                             media_type="application/json")
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return StreamingResponse(_events(record, model, text, chat, usage),
                                  media_type="text/event-stream")
+
+    async def metrics(request: Request) -> Response:
+        return Response(vllm_metrics(record), media_type="text/plain; version=0.0.4")
 
     async def models(request: Request) -> Response:
         return Response(orjson.dumps({"object": "list", "data": [
@@ -108,12 +147,15 @@ def build_app(record: Record) -> Starlette:
         Route("/v1/chat/completions", generate, methods=["POST"]),
         Route("/v1/completions", generate, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
     ])
 
 
 async def _events(record: Record, model: str, text: str, chat: bool,
                   usage: bool) -> AsyncIterator[bytes]:
     record.streams_started += 1
+    record.running += 1
+    record.prompt_tokens += 7
     finished = False
     try:
         if chat:
@@ -124,6 +166,9 @@ async def _events(record: Record, model: str, text: str, chat: bool,
         for i, word in enumerate(words):
             if model == "slow":
                 await asyncio.sleep(0.1)
+            elif model == "paced":
+                await asyncio.sleep(PACE_S)
+            record.generation_tokens += 1
             yield _chunk(model, word if i == 0 else " " + word, chat)
         yield _chunk(model, None if chat else "", chat, finish="stop")
         if usage:
@@ -135,6 +180,7 @@ async def _events(record: Record, model: str, text: str, chat: bool,
         yield b"data: [DONE]\n\n"
         finished = True
     finally:
+        record.running -= 1
         if finished:
             record.streams_finished += 1
         else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import threading
 import time
 import uuid
@@ -36,6 +37,8 @@ from greenroute.backends.base import (
     Usage,
 )
 from greenroute.backends.energy.progress import Progress, current_track
+
+MAX_SAMPLES = 16  # n: samples run one after another, so each costs a whole generation
 
 
 class GenerationCancelled(Exception):
@@ -103,6 +106,9 @@ class LlamaCppBackend:
     # -- requests -----------------------------------------------------------------------------
 
     async def create(self, endpoint: Endpoint, body: dict[str, Any]) -> Completion:
+        self._check_logit_bias(body)
+        if (body.get("n") or 1) > 1:
+            return await self._create_samples(endpoint, body, int(body["n"]))
         kwargs, logprobs = _llama_kwargs(endpoint, body)
         generation = _Generation(self, logprobs, current_track.get())
         future = self._submit(self._run, endpoint, kwargs, generation)
@@ -113,8 +119,31 @@ class LlamaCppBackend:
             raise
         return Completion(body=orjson.dumps(result), usage=Usage.from_openai(result.get("usage")))
 
+    async def _create_samples(self, endpoint: Endpoint, body: dict[str, Any], n: int
+                              ) -> Completion:
+        """`n` > 1 (the cascade's agreement signal): n generations one after another, one
+        choice each. llama.cpp keeps the last prompt's KV cache and reuses its longest common
+        prefix, so only the first sample pays the prefill; usage counts the prompt once and
+        every sample's tokens, as OpenAI's `n` does. Sample i uses seed + i (a random seed when
+        none is given), so the samples differ and a rerun with a seed repeats them."""
+        if n > MAX_SAMPLES:
+            raise InvalidRequest(f"the embedded llama.cpp backend samples at most {MAX_SAMPLES} "
+                                 "choices (n)", param="n")
+        seed = body.get("seed")
+        seed = random.randrange(2**31) if seed is None else int(seed)
+        results = [orjson.loads((await self.create(endpoint, {**body, "n": 1, "seed": seed + i}
+                                                   )).body) for i in range(n)]
+        merged: dict[str, Any] = results[0]
+        merged["choices"] = [{**r["choices"][0], "index": i} for i, r in enumerate(results)]
+        prompt = int(merged["usage"]["prompt_tokens"])
+        completion = sum(int(r["usage"]["completion_tokens"]) for r in results)
+        merged["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                           "total_tokens": prompt + completion}
+        return Completion(body=orjson.dumps(merged), usage=Usage.from_openai(merged["usage"]))
+
     async def stream(self, endpoint: Endpoint,
                      body: dict[str, Any]) -> AsyncGenerator[list[Chunk], None]:
+        self._check_logit_bias(body)
         kwargs, logprobs = _llama_kwargs(endpoint, body)
         kwargs["stream"] = True
         generation = _Generation(self, logprobs, current_track.get())
@@ -136,6 +165,25 @@ class LlamaCppBackend:
         finally:
             generation.cancel.set()  # no-op when finished; stops the model when the client left
             future.cancel()  # drops it from the queue if it never started
+
+    def _check_logit_bias(self, body: dict[str, Any]) -> None:
+        """Refuse ids outside the vocabulary: llama-cpp-python ignores a too-large one with a
+        logged traceback per generated token, and counts a negative one from the end."""
+        bias = body.get("logit_bias")
+        if not bias or self._llm is None:
+            return
+        vocabulary = int(self._llm.n_vocab())
+        for key, value in bias.items():
+            try:
+                token = int(key)
+            except (TypeError, ValueError):
+                token = -1
+            if not 0 <= token < vocabulary:
+                raise InvalidRequest(f"logit_bias: {key!r} is not a token id of this model "
+                                     f"(0 to {vocabulary - 1})", param="logit_bias")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidRequest(f"logit_bias: the bias of {key!r} is not a number",
+                                     param="logit_bias")
 
     async def list_models(self) -> list[str]:
         return [self.model_id]
@@ -166,6 +214,11 @@ class LlamaCppBackend:
         if endpoint is Endpoint.CHAT:
             return self._llm.create_chat_completion(
                 **kwargs, logits_processor=generation.logits_processors())
+        if kwargs["prompt"] == "":
+            # No tokens (for a model that adds no BOS) fails an assertion inside llama.cpp;
+            # OpenAI's models start an empty prompt from their document boundary: so does this.
+            bos = self._llm.token_bos()
+            kwargs = {**kwargs, "prompt": [bos if bos >= 0 else self._llm.token_eos()]}
         return self._llm.create_completion(**kwargs,
                                            logits_processor=generation.logits_processors())
 
@@ -185,6 +238,9 @@ class LlamaCppBackend:
             self._active = None
             generation.end()
         result["model"] = self.model_id
+        if endpoint is Endpoint.CHAT:
+            for choice in result["choices"]:
+                choice["message"].setdefault("refusal", None)  # required (nullable) by the spec
         if generation.logprobs is not None:
             generation.attach_all(endpoint, result["choices"][0])
         return result
@@ -263,7 +319,7 @@ class _Generation:
         if self.prompt_tokens == 0:
             self.prompt_tokens = llm.n_tokens  # the whole prompt is evaluated before the 1st sample
             if self.track is not None:
-                self.track.tokens(self.prompt_tokens)
+                self.track.tokens(0, prompt=self.prompt_tokens)
         if _is_end_of_generation(llm, token):
             return
         self.completion_tokens += 1

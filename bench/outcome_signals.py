@@ -21,18 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from greenroute.evals.outcomes import read_rows
+from greenroute.evals.signals import auc
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def auc(scores: np.ndarray, right: np.ndarray) -> float | None:
-    """P(a right answer scores above a wrong one), ties half (Mann-Whitney)."""
-    positives, negatives = scores[right], scores[~right]
-    if not len(positives) or not len(negatives):
-        return None
-    above = (positives[:, None] > negatives[None, :]).mean()
-    ties = (positives[:, None] == negatives[None, :]).mean()
-    return float(above + ties / 2)
 
 
 def totals(rows: list[dict], models: list[str]) -> None:

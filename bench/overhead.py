@@ -1,6 +1,7 @@
 """Latency the gateway adds to a pass-through request, over calling the upstream directly.
 
-    .venv/bin/python bench/overhead.py [--requests 2000] [--concurrency 64]
+    .venv/bin/python bench/overhead.py [--requests 2000] [--concurrency 64] [--spool on|off]
+    .venv/bin/python bench/overhead.py --spool-cost-only
 
 The client is aiohttp on uvloop (lighter than httpx, so it takes less CPU from the
 processes it measures). Starts a local OpenAI-protocol upstream that answers at once
@@ -9,6 +10,12 @@ serve`, its own process), then sends the same chat request both ways, alternatin
 hits both alike: sequentially, and from `--concurrency` workers at once; non-streamed and
 streamed (time to the end of the stream).
 Prints p50/p99 of each path, the p50/p99 the gateway adds, and requests per second.
+
+Then the ledger spool's own cost per request (gateway/ledger/spool.py), measured in-process,
+because microseconds disappear in the end-to-end figures' noise: what the request path does
+with `[ledger] spool = true` and not with it (build the request's rows, encode them as one
+JSON line, one write() on an O_APPEND file), and what the writer thread adds (the per-batch
+bookkeeping and truncation once the rows are in the database).
 
 All three processes (client, gateway, upstream) share this machine's cores: run it on a quiet
 machine, and read the concurrent figures as "what 2 cores do", not as the gateway alone.
@@ -30,7 +37,11 @@ from pathlib import Path
 import aiohttp
 import httpx
 
+from greenroute.backends.base import Usage
+from greenroute.backends.energy.sampler import Fleet
 from greenroute.backends.fake_openai import free_port
+from greenroute.gateway.accounting import Accounting
+from greenroute.gateway.ledger.writer import LedgerWriter
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -95,6 +106,45 @@ async def _run(direct: str, gateway: str, requests: int, concurrency: int,
     return result
 
 
+class _Model:
+    """Enough of a backend for a RequestRecord's attempt."""
+
+    model_id = "echo"
+    reports_progress = False
+
+
+def spool_cost(requests: int) -> dict[str, float]:
+    """Per-request microseconds of the spool: on the request path (rows, encode, write) and in
+    the writer thread (marking a batch of 500 durable)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = LedgerWriter(f"sqlite:///{tmp}/ledger.db", spool=True)
+        accounting = Accounting(Fleet([]), writer, store_text=False)
+        records = []
+        for i in range(requests):
+            record = accounting.open(f"chatcmpl-{i:032x}", "chat/completions")
+            record.requested_model, record.route, record.status = "echo", "direct", 200
+            attempt = record.attempt("echo", _Model())  # type: ignore[arg-type]
+            attempt.usage, attempt.answered = Usage(12, 16), True
+            records.append(record)
+        times = []
+        for record in records:
+            started = time.perf_counter()
+            accounting.spool(record)  # what RequestRecord._finish calls before the answer
+            times.append(time.perf_counter() - started)
+        assert writer.spool is not None
+        ids = [record.id for record in records]
+        started = time.perf_counter()
+        for at in range(0, len(ids), 500):
+            writer.spool.durable(ids[at:at + 500])
+        durable = time.perf_counter() - started
+        writer.spool.close()
+    times.sort()
+    return {"p50_us": statistics.median(times) * 1e6,
+            "p99_us": times[int(len(times) * 0.99) - 1] * 1e6,
+            "mean_us": statistics.fmean(times) * 1e6,
+            "writer_us": durable / requests * 1e6}
+
+
 def _run_loop(coroutine):  # type: ignore[no-untyped-def]
     try:
         import uvloop
@@ -109,14 +159,27 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="per path and mode")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--spool", choices=("on", "off"), default="on",
+                        help="the gateway's [ledger] spool (default on, as in the product)")
+    parser.add_argument("--spool-cost-only", action="store_true",
+                        help="only the in-process spool cost, no gateway")
     args = parser.parse_args()
+    spool = spool_cost(max(args.requests, 20_000))
+    spool_line = (f"ledger spool, per request ({max(args.requests, 20_000)} requests, "
+                  f"in-process): request path p50 {spool['p50_us']:.1f} us, "
+                  f"p99 {spool['p99_us']:.1f} us, mean {spool['mean_us']:.1f} us; "
+                  f"writer thread {spool['writer_us']:.2f} us")
+    if args.spool_cost_only:
+        print(spool_line)
+        return
 
     upstream_port, gateway_port = free_port(), free_port()
     upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "bench.toml"
         config.write_text(f'[server]\nport = {gateway_port}\nlog_level = "warning"\n\n'
-                          f'[ledger]\npath = "{Path(tmp) / "ledger.db"}"\n\n'
+                          f'[ledger]\npath = "{Path(tmp) / "ledger.db"}"\n'
+                          f'spool = {"true" if args.spool == "on" else "false"}\n\n'
                           f'[[tiers]]\nname = "echo"\nbackend = "openai"\nurl = "{upstream_url}"\n'
                           'model = "echo"\n')
         upstream = _start([sys.executable, "-m", "greenroute.backends.fake_openai", "--port",
@@ -139,7 +202,7 @@ def main() -> None:
             upstream.wait()
 
     print(f"gateway overhead, {args.requests} requests per path and mode, "
-          f"{os.cpu_count()} cores, Python {sys.version.split()[0]}")
+          f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, spool {args.spool}")
     header = ("conc", "stream", "direct p50", "gw p50", "added p50", "direct p99", "gw p99",
               "added p99", "gw req/s")
     print(" | ".join(f"{h:>10}" for h in header))
@@ -149,8 +212,9 @@ def main() -> None:
                                               "direct_p99_ms", "gateway_p99_ms", "added_p99_ms")),
                  f"{r['gateway_rps']:.0f}")
         print(" | ".join(f"{c:>10}" for c in cells))
+    print(spool_line)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"rows": rows, "spool": spool}, indent=2))
 
 
 if __name__ == "__main__":

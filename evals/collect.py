@@ -33,6 +33,9 @@ from greenroute.backends.registry import TierConfig, build_backend
 from greenroute.evals import graders
 from greenroute.evals.outcomes import OutcomeWriter, compact, read_rows
 from greenroute.evals.prompts import Prompt, render
+from greenroute.evals.signals import SignalPlan
+from greenroute.evals.signals import collect as collect_signals
+from greenroute.evals.signals import pending as signal_pending
 from greenroute.evals.tasks import Item
 from greenroute.routers.features import logprob_features
 
@@ -51,6 +54,8 @@ class CollectPlan:
     concurrency: int = 1
     judge: TierConfig | None = None
     pause_file: Path | None = None  # while it exists, no new prompt is started
+    signals: SignalPlan | None = None  # cascade signals to add after the greedy pass
+    signal_tiers: tuple[str, ...] = ()  # the tiers that get them (the cascade stages)
 
 
 def meter_for(tier: TierConfig) -> Meter | None:
@@ -78,9 +83,12 @@ async def collect(plan: CollectPlan, stream: Any = sys.stderr) -> None:
         raise ValueError("open-ended items need a judge tier (--judge)")
     for tier in plan.tiers:
         todo = pending(plan, tier)
+        signals = plan.signals if tier.name in plan.signal_tiers else None
         if not todo:
             print(f"{tier.name}: all {len(plan.items)} prompts already collected", file=stream)
-            continue
+            if signals is None or not signal_pending(plan.items, read_rows(plan.out),
+                                                     tier.name, signals):
+                continue
         backend = build_backend(tier)
         judge = build_backend(plan.judge) if plan.judge and any(
             item.kind == "open" for item in todo) else None
@@ -90,7 +98,11 @@ async def collect(plan: CollectPlan, stream: Any = sys.stderr) -> None:
             if judge is not None:
                 await judge.start()
             runner = _TierRun(plan, tier, backend, judge, writer, stream, len(todo))
-            await runner.run(todo)
+            if todo:
+                await runner.run(todo)
+            if signals is not None:
+                await collect_signals(backend, tier.name, plan.items, writer, signals,
+                                      runner.meter, stream)
         finally:
             writer.close()
             await backend.aclose()

@@ -26,10 +26,13 @@ from greenroute.evals.outcomes import (
     regrade,
     table_models,
 )
+from greenroute.evals.plan_choice import fit_chosen_policy
 from greenroute.evals.policies import BUILTIN, Policy, ScoresFilePolicy
 from greenroute.evals.routing import RouterKindPolicy, cross_validate_policy, evaluate_artifact
+from greenroute.evals.signals import SignalPlan
+from greenroute.evals.signals import report as signal_report
 from greenroute.evals.tasks import KINDS, TASKS, Item, TaskError, load_file, load_task, sample
-from greenroute.evals.training import TrainConfig
+from greenroute.evals.training import TrainConfig, fit_policy
 from greenroute.gateway.config import (
     CONFIG_ENV,
     ConfigError,
@@ -88,6 +91,10 @@ def _add_collect(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument("--pause-file", metavar="PATH", type=Path,
                         help="while this file exists, start no new prompt (lets you use the "
                              "machine without skewing timings)")
+    parser.add_argument("--signals", metavar="NAME,...", help="also collect cascade signals "
+                        "beside the greedy answers: agreement (k samples), self_check")
+    parser.add_argument("--signal-tiers", metavar="TIER,...", help="tiers that get --signals "
+                        "(default: every tier collected but the configuration's largest)")
     parser.set_defaults(handler=_collect)
 
 
@@ -97,6 +104,12 @@ def _collect(args: argparse.Namespace) -> int:
         items = _items(args)
         tiers = _tiers(config, args.models)
         judge = _tiers(config, args.judge)[0] if args.judge else None
+        # k and the temperature are the gateway's own (routers/agreement.py): a signal measured
+        # on other samples than those served would be calibrated on something else.
+        signals = SignalPlan(tuple(args.signals.split(",")), seed=args.seed) \
+            if args.signals else None
+        signal_tiers = tuple(args.signal_tiers.split(",")) if args.signal_tiers else tuple(
+            t.name for t in tiers if t.name != config.tiers[-1].name)
         prepare_tiers([*tiers, *([judge] if judge else [])],
                       log=lambda line: print(line, file=sys.stderr))
     except (ConfigError, TaskError, ValueError, weights.WeightsError) as exc:
@@ -106,7 +119,8 @@ def _collect(args: argparse.Namespace) -> int:
           file=sys.stderr)
     plan = collecting.CollectPlan(items=items, tiers=tiers, out=Path(args.out), seed=args.seed,
                                   concurrency=args.concurrency, judge=judge,
-                                  pause_file=args.pause_file)
+                                  pause_file=args.pause_file, signals=signals,
+                                  signal_tiers=signal_tiers)
     try:
         asyncio.run(collecting.collect(plan))
     except KeyboardInterrupt:
@@ -183,8 +197,14 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
                         help="also cross-validate each --kind's whole policy (cascade where the "
                              "table has logprobs, calibrated thresholds) and report the quality "
                              "and energy it realised at these targets on held-out prompts")
+    parser.add_argument("--signals", metavar="NAME,...", help="with --targets: cascade "
+                        "signals the confidence models read besides logprobs (agreement, "
+                        "self_check; collected by greenroute collect --signals)")
     parser.add_argument("--no-cascade", action="store_true", help="with --targets: route on "
                                                                   "the prompt only")
+    parser.add_argument("--choose-plan", action="store_true",
+                        help="with --targets: each fold's policy chooses its plan family as "
+                             "`greenroute train` does (prompt-only or cascade, at delta/2 each)")
     parser.add_argument("--delta", type=float, default=DEFAULT_DELTA,
                         help="with --targets: the calibration risk, each target to hold with "
                              "probability 1 - delta (default: %(default)s)")
@@ -227,10 +247,12 @@ def _eval(args: argparse.Namespace) -> int:
             targets = train_command.parse_targets(args.targets)
             for kind in kinds:
                 config = TrainConfig(kind=kind, targets=targets, seed=args.seed,
-                                     delta=args.delta, cascade=not args.no_cascade)
-                result, rows = cross_validate_policy(table, tiers, embed, config,
-                                                     folds=args.folds, seed=args.seed,
-                                                     profile=profile)
+                                     delta=args.delta, cascade=not args.no_cascade,
+                                     signals=train_command.parse_signals(args.signals))
+                result, rows = cross_validate_policy(
+                    table, tiers, embed, config, folds=args.folds, seed=args.seed,
+                    profile=profile, name=f"{kind}+chosen plan" if args.choose_plan else None,
+                    fit=fit_chosen_policy if args.choose_plan else fit_policy)
                 evaluation.results.insert(-2, result)
                 evaluation.targets += rows
         if args.router and embed is not None:
@@ -299,6 +321,20 @@ def _add_outcomes(commands: argparse._SubParsersAction) -> None:  # type: ignore
     show.add_argument("--models", help="models to compare, cheapest first (default: the "
                                        "table's order)")
     show.set_defaults(handler=_summary)
+    signals = sub.add_parser("signals", help="per task, how well each cascade signal tells a "
+                             "tier's right answers from its wrong ones (AUC), and its joules")
+    signals.add_argument("path", help="outcome table collected with --signals")
+    signals.add_argument("--model", default="small", help="the tier whose signals (small)")
+    signals.set_defaults(handler=_signals)
+
+
+def _signals(args: argparse.Namespace) -> int:
+    try:
+        print(signal_report(args.path, args.model))
+    except (OutcomeError, OSError) as exc:
+        print(f"greenroute outcomes signals: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _summary(args: argparse.Namespace) -> int:

@@ -240,6 +240,9 @@ class OutcomeTable:
     joules: dict[str, np.ndarray | None] = field(default_factory=dict)
     energy_source: dict[str, str | None] = field(default_factory=dict)
     features: dict[str, np.ndarray | None] = field(default_factory=dict)
+    # Per model, the cascade signals every kept prompt has (evals/signals.py): agreement,
+    # majority_quality, samples_joules, self_check, self_check_joules; absent ones left out.
+    signals: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     dropped: int = 0  # prompts left out: a model missing or failed
 
     def __len__(self) -> int:
@@ -260,7 +263,9 @@ class OutcomeTable:
             quality={k: v[index] for k, v in self.quality.items()},
             completion_tokens=take(self.completion_tokens), prompt_tokens=take(self.prompt_tokens),
             joules=take(self.joules), energy_source=dict(self.energy_source),
-            features=take(self.features), dropped=self.dropped)
+            features=take(self.features),
+            signals={m: {k: v[index] for k, v in s.items()} for m, s in self.signals.items()},
+            dropped=self.dropped)
 
 
 def load_table(path: str | Path, models: list[str] | None = None) -> OutcomeTable:
@@ -295,7 +300,25 @@ def load_table(path: str | Path, models: list[str] | None = None) -> OutcomeTabl
         joules={m: column(m, "joules") for m in models},
         energy_source={m: s.pop() if len(s) == 1 else None for m, s in sources.items()},
         features={m: features(m) for m in models},
+        signals={m: _signal_columns([row["models"][m] for row in kept]) for m in models},
         dropped=len(rows) - len(kept))
+
+
+# (column, result field, key): where each signal column is recorded (evals/signals.py)
+SIGNAL_COLUMNS = (("agreement", "samples", "agreement"),
+                  ("majority_quality", "samples", "majority_quality"),
+                  ("samples_joules", "samples", "joules"),
+                  ("self_check", "self_check", "p_yes"),
+                  ("self_check_joules", "self_check", "joules"))
+
+
+def _signal_columns(results: list[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    columns = {}
+    for name, where, key in SIGNAL_COLUMNS:
+        values = [(r.get(where) or {}).get(key) for r in results]
+        if values and all(v is not None for v in values):
+            columns[name] = np.asarray(values, dtype=float)
+    return columns
 
 
 def _answered(result: Mapping[str, Any] | None) -> bool:

@@ -6,7 +6,7 @@ Kept apart from evals/evaluate.py so that the harness itself needs no router cod
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +16,7 @@ from greenroute.evals.encoding import Embed
 from greenroute.evals.evaluate import PolicyResult, group_folds
 from greenroute.evals.outcomes import OutcomeTable
 from greenroute.evals.training import (
+    Calibration,
     Replay,
     TierData,
     TrainConfig,
@@ -25,7 +26,11 @@ from greenroute.evals.training import (
 )
 from greenroute.routers.artifact import Router
 from greenroute.routers.models import Scheme, Target, make
-from greenroute.routers.policy import simulate
+from greenroute.routers.policy import RoutingPolicy, simulate
+
+# fit_policy's shape: (embeddings, prompts, tier data, config) -> fitted, calibrated policy
+FitPolicy = Callable[[np.ndarray, Sequence[str], TierData, TrainConfig],
+                     tuple[RoutingPolicy, Calibration]]
 
 
 class RouterKindPolicy:
@@ -74,11 +79,11 @@ class TargetResult:
 
 def cross_validate_policy(table: OutcomeTable, tiers: Sequence[str], embed: Embed,
                           config: TrainConfig, *, folds: int = 5, seed: int = 0,
-                          profile: dict[str, float] | None = None, name: str | None = None
-                          ) -> tuple[PolicyResult, list[TargetResult]]:
+                          profile: dict[str, float] | None = None, name: str | None = None,
+                          fit: FitPolicy = fit_policy) -> tuple[PolicyResult, list[TargetResult]]:
     """Train the whole policy (`greenroute train`) on k-1 folds; measure it on the k-th: its
     curve over every threshold, and what its calibrated thresholds did at each target."""
-    data = tier_data(table, tiers, profile)
+    data = tier_data(table, tiers, profile, config.signals)
     x = embed(table.prompts)
     label = name or f"{config.kind}+{'cascade' if _has_cascade(data, config) else 'router'}"
     result = PolicyResult(label, whole_policy=True)
@@ -87,8 +92,7 @@ def cross_validate_policy(table: OutcomeTable, tiers: Sequence[str], embed: Embe
     pooled = np.zeros((3, 0))
     for test in group_folds(table.prompts, folds, seed):
         train = np.setdiff1d(np.arange(len(table)), test)
-        policy, _ = fit_policy(x[train], [table.prompts[i] for i in train], data.subset(train),
-                               config)
+        policy, _ = fit(x[train], [table.prompts[i] for i in train], data.subset(train), config)
         held = data.subset(test)
         outcomes = replay(policy, x[test], held)
         curve = outcomes.curve()
@@ -114,7 +118,8 @@ def evaluate_artifact(router: Router, table: OutcomeTable, embed: Embed,
                       ) -> tuple[PolicyResult, list[TargetResult]]:
     """A saved artifact on a table (no training: use prompts it was not trained on)."""
     policy = router.policy
-    data = tier_data(table, policy.tiers, profile)
+    signals = next((s.confidence.signals for s in policy.steps if s.confidence), ())
+    data = tier_data(table, policy.tiers, profile, signals)
     x = embed(table.prompts)
     result = PolicyResult(f"artifact:{router.manifest.get('kind')}", whole_policy=True)
     outcomes = replay(policy, x, data)

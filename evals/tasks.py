@@ -27,9 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from greenroute.routers.answers import LETTERS as ANSWER_LETTERS
+
 Kind = Literal["choice", "number", "yesno", "short", "open"]
 KINDS: tuple[Kind, ...] = ("choice", "number", "yesno", "short", "open")
-LETTERS = "ABCDEFGHIJ"
+LETTERS = ANSWER_LETTERS  # option letters, shared with the answer extraction
 
 TASKS_ENV = "GREENROUTE_TASKS_DIR"
 # The shared datasets sit beside a checkout of this repository (../shared/data/tasks).

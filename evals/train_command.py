@@ -13,14 +13,11 @@ from greenroute.evals import metrics
 from greenroute.evals.encoding import ENCODER_HELP, build_encoder, embedder
 from greenroute.evals.energy import parse_profile
 from greenroute.evals.outcomes import OutcomeError, OutcomeTable, load_table, table_models
-from greenroute.evals.training import (
-    Calibration,
-    TrainConfig,
-    fit_policy,
-    tier_data,
-)
+from greenroute.evals.plan_choice import PlanChoice, fit_chosen
+from greenroute.evals.training import Calibration, TrainConfig, tier_data
 from greenroute.routers import artifact, calibration
 from greenroute.routers.encoders import Encoder, EncoderError
+from greenroute.routers.features import SIGNALS
 from greenroute.routers.models import KINDS
 
 
@@ -60,8 +57,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
                     "but the largest, cascade confidence models where the table has logprob "
                     "features, and thresholds calibrated per quality target on every prompt's "
                     "cross-fitted (out-of-fold) outcome; the served routers are then fitted on "
-                    "all prompts. Prints out-of-fold validation metrics and writes a versioned "
-                    "artifact.",
+                    "all prompts. Where the table has logprobs, both plan families (prompt-only "
+                    "and cascade) are calibrated at delta/2 and the one saving more at the "
+                    "default target is served (Bonferroni: the guarantee still holds at delta); "
+                    "the manifest records the choice and each family's saving. Prints "
+                    "out-of-fold validation metrics and writes a versioned artifact.",
         epilog="example: greenroute train --outcomes evals/outcomes/embedded.jsonl "
                "--tiers small,large --kind logistic --out routers/default")
     parser.add_argument("--outcomes", required=True, metavar="PATH")
@@ -86,8 +86,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
                              "are stored for `[router] delta` to choose")
     parser.add_argument("--folds", type=int, default=5,
                         help="cross-fitting folds for calibration (default: %(default)s)")
+    parser.add_argument("--signals", metavar="NAME,...", help="cascade signals the confidence "
+                        "models read besides logprobs: agreement, self_check (the table must "
+                        "have them: greenroute collect --signals)")
     parser.add_argument("--no-cascade", action="store_true",
-                        help="route on the prompt only, even when the table has logprobs")
+                        help="route on the prompt only, even when the table has logprobs "
+                             "(no plan choice, so no delta split)")
     parser.add_argument("--energy-profile", metavar="NAME=J,...",
                         help="joules per generated token, instead of the table's joules")
     parser.add_argument("--seed", type=int, default=0)
@@ -106,15 +110,16 @@ def _train(args: argparse.Namespace) -> int:
         config = TrainConfig(kind=args.kind, tolerance=args.tolerance, scheme=args.label,
                              delta=deltas[0], also_deltas=deltas[1:],
                              targets=parse_targets(args.targets), inner_folds=args.folds,
-                             cascade=not args.no_cascade, seed=args.seed)
+                             cascade=not args.no_cascade, seed=args.seed,
+                             signals=parse_signals(args.signals))
         profile = parse_profile(args.energy_profile) if args.energy_profile else None
         encoder = build_encoder(args.encoder)
+        data = tier_data(table, tiers, profile, config.signals)
     except (OutcomeError, ValueError, EncoderError) as exc:
         print(f"greenroute train: {exc}", file=sys.stderr)
         return 2
-    data = tier_data(table, tiers, profile)
     x = embedder(encoder)(table.prompts)
-    policy, calibrated = fit_policy(x, table.prompts, data, config)
+    policy, calibrated, plan = fit_chosen(x, table.prompts, data, config, args.default_target)
     pair = metrics.Pair(data.quality[:, 0], data.quality[:, -1], data.energy[:, 0],
                         data.energy[:, -1])
     validation = metrics.summarize(pair, calibrated.replay.curve())
@@ -127,13 +132,15 @@ def _train(args: argparse.Namespace) -> int:
                      "calibration": f"cross-fitted, {config.inner_folds} folds",
                      "energy_source": data.energy_source,
                      "cascade": [s.confidence is not None for s in policy.steps]},
+        "plan": plan.manifest(),
         "validation": {"metrics": validation, "targets": {
             f"{t:.2f}": {"quality_ratio": c.quality_ratio, "energy_ratio": c.energy_ratio,
                          "threshold_found": c.index is not None}
             for t, c in calibrated.choices.items()}},
     }
     artifact.save(args.out, policy, encoder, manifest)
-    _print_report(args, tiers, table, calibrated, validation, encoder, time.monotonic() - started)
+    _print_report(args, tiers, table, calibrated, plan, validation, encoder,
+                  time.monotonic() - started)
     return 0
 
 
@@ -142,11 +149,15 @@ def _sha256(path: str | Path) -> str:
 
 
 def _print_report(args: argparse.Namespace, tiers: list[str], table: OutcomeTable,
-                  calibrated: Calibration, validation: dict[str, float | None],
-                  encoder: Encoder, seconds: float) -> None:
+                  calibrated: Calibration, plan: PlanChoice,
+                  validation: dict[str, float | None], encoder: Encoder, seconds: float) -> None:
     print(f"trained {args.kind} routers for {' -> '.join(tiers)} on {len(table)} prompts "
           f"(encoder {encoder.name}) in {seconds:.0f} s; calibrated on {calibrated.prompts} "
           f"prompts' out-of-fold outcomes, delta {args.delta}")
+    print(f"plan: {plan.family}, the least energy at target {plan.target:g} of "
+          + ", ".join(f"{c.family} {100 * c.energy_saved:.1f}% saved (quality "
+                      f"{c.quality_ratio:.3f})" for c in plan.candidates)
+          + f"; each calibrated at delta {plan.delta_each:g}")
     print("validation (out-of-fold): " + ", ".join(
         f"{k} {v:.3f}" for k, v in validation.items() if v is not None))
     print("target  quality/largest  energy/largest  threshold")
@@ -155,3 +166,12 @@ def _print_report(args: argparse.Namespace, tiers: list[str], table: OutcomeTabl
         print(f"{target:6.2f}  {choice.quality_ratio:15.3f}  {choice.energy_ratio:14.3f}  "
               f"{found}")
     print(f"wrote {args.out}")
+
+
+def parse_signals(text: str | None) -> tuple[str, ...]:
+    """`agreement,self_check` -> the signal names, checked."""
+    names = tuple(n.strip() for n in (text or "").split(",") if n.strip())
+    unknown = [n for n in names if n not in SIGNALS]
+    if unknown:
+        raise ValueError(f"--signals: unknown {', '.join(unknown)} (known: {', '.join(SIGNALS)})")
+    return names

@@ -28,6 +28,7 @@ from greenroute.evals.metrics import Curve
 from greenroute.evals.outcomes import OutcomeTable
 from greenroute.routers import calibration
 from greenroute.routers.confidence import ConfidenceModel
+from greenroute.routers.features import AGREEMENT, FEATURES, SELF_CHECK
 from greenroute.routers.models import Scheme, Target, make
 from greenroute.routers.policy import CANDIDATES, RoutingPolicy, Step, simulate
 
@@ -44,6 +45,9 @@ class TrainConfig:
     targets: tuple[float, ...] = calibration.DEFAULT_TARGETS
     inner_folds: int = 5  # cross-fitting folds, and the confidence models' out-of-fold scores
     cascade: bool = True  # use the answers' confidence where the table has logprob features
+    # Cascade signals beyond logprobs that the confidence models read (routers/features.py:
+    # SIGNALS); the table must carry them for every tier but the largest (evals/signals.py).
+    signals: tuple[str, ...] = ()
     seed: int = 0
 
 
@@ -54,25 +58,47 @@ class TierData:
     tiers: list[str]
     quality: np.ndarray  # (prompts, tiers)
     energy: np.ndarray  # (prompts, tiers), joules
-    features: list[np.ndarray | None]  # per tier: (prompts, features) or None
+    features: list[np.ndarray | None]  # per tier: (prompts, inputs) or None
     energy_source: dict[str, str]
+    inputs: tuple[str, ...] = FEATURES  # the columns of `features`: logprobs, then signals
 
     def subset(self, index: np.ndarray) -> TierData:
         return TierData(self.tiers, self.quality[index], self.energy[index],
                         [None if f is None else f[index] for f in self.features],
-                        self.energy_source)
+                        self.energy_source, self.inputs)
 
 
 def tier_data(table: OutcomeTable, tiers: Sequence[str],
-              profile: dict[str, float] | None = None) -> TierData:
+              profile: dict[str, float] | None = None, signals: Sequence[str] = ()) -> TierData:
+    """The tiers' outcomes as arrays. With `signals`, every tier but the largest is what its
+    cascade stage would be live: with agreement, its answer is the majority of the k samples
+    (their quality) and its energy theirs (the stage runs the samples, not the greedy answer);
+    a self-check adds its call's joules; and the signals join the logprob features as inputs.
+    The features stay the greedy answer's (the table's), a stand-in for the majority sample's."""
     roles = ["small"] * (len(tiers) - 1) + ["large"]
     energies, sources = [], {}
     for tier, role in zip(tiers, roles, strict=True):
         joules, source = prompt_energy(table, tier, role, profile)
         energies.append(joules)
         sources[tier] = source
-    return TierData(list(tiers), np.column_stack([table.quality[t] for t in tiers]),
-                    np.column_stack(energies), [table.features.get(t) for t in tiers], sources)
+    quality = [table.quality[t] for t in tiers]
+    features = [table.features.get(t) for t in tiers]
+    for j, tier in enumerate(tiers[:-1] if signals else ()):
+        columns = table.signals.get(tier, {})
+        needed = [*signals, *(["majority_quality", "samples_joules"] if AGREEMENT in signals
+                              else []), *(["self_check_joules"] if SELF_CHECK in signals else [])]
+        missing = [name for name in needed if name not in columns]
+        greedy = features[j]
+        if missing or greedy is None:
+            raise ValueError(f"tier {tier}: the table lacks {', '.join(missing or ['features'])} "
+                             "for some prompts (greenroute collect --signals)")
+        if AGREEMENT in signals:
+            quality[j], energies[j] = columns["majority_quality"], columns["samples_joules"]
+        if SELF_CHECK in signals:
+            energies[j] = energies[j] + columns["self_check_joules"]
+        features[j] = np.column_stack([greedy, *(columns[name] for name in signals)])
+    return TierData(list(tiers), np.column_stack(quality), np.column_stack(energies), features,
+                    sources, (*FEATURES, *signals))
 
 
 def out_of_fold(x: np.ndarray, target: Target, prompts: Sequence[str], config: TrainConfig
@@ -156,7 +182,7 @@ def fit_steps(x: np.ndarray, prompts: Sequence[str], data: TierData,
         features = data.features[j]
         if config.cascade and features is not None:
             scores = out_of_fold(x, target, prompts, config)
-            step.confidence = ConfidenceModel()
+            step.confidence = ConfidenceModel(inputs=data.inputs)
             step.confidence.fit(features, scores, target)
             step.keep_edges, step.keep_rates = _keep_table(
                 scores, step.confidence.predict(features, scores))

@@ -24,24 +24,33 @@ from greenroute.backends.energy.attribution import PeriodEnergy, Track
 from greenroute.backends.energy.progress import current_track
 from greenroute.backends.energy.sampler import Fleet
 from greenroute.gateway import headers as h
+from greenroute.gateway.carbon import GridIntensity
 from greenroute.gateway.ledger.writer import LedgerWriter
 
 # Status for a client that left before its answer (nginx's convention); never seen by the client.
 CLIENT_CLOSED_REQUEST = 499
+J_PER_KWH = 3.6e6
 
 
 class Accounting:
     """Opens a record per request; sends finished rows to the ledger (if there is one)."""
 
-    def __init__(self, fleet: Fleet, writer: LedgerWriter | None, store_text: bool) -> None:
+    def __init__(self, fleet: Fleet, writer: LedgerWriter | None, store_text: bool,
+                 grid: GridIntensity | None = None) -> None:
         self.fleet = fleet
         self.writer = writer
         self.store_text = store_text
+        self.grid = grid  # each row's intensity and gCO2 at its time (gateway/carbon.py)
         # Called with each finished record, its row ready (e.g. GatewayMetrics.observe).
         self.observers: list[Callable[[RequestRecord], None]] = []
 
     def open(self, request_id: str, endpoint: str) -> RequestRecord:
         return RequestRecord(self, request_id, endpoint)
+
+    def spool(self, record: RequestRecord) -> None:
+        """The record's rows as they stand, kept past a crash (gateway/ledger/spool.py)."""
+        if self.writer is not None and self.writer.spool is not None:
+            self.writer.spool_rows(record.id, record.rows())
 
     def submit(self, record: RequestRecord) -> None:
         if self.writer is not None:
@@ -107,10 +116,10 @@ class Attempt:
         now = time.monotonic()
         if usage is not None:
             if self.first_output is not None:  # prompt until the first output, then the rest
-                track.tokens(usage.prompt_tokens, at=self.first_output)
+                track.tokens(0, at=self.first_output, prompt=usage.prompt_tokens)
                 track.tokens(usage.completion_tokens, at=now)
             else:
-                track.tokens(usage.total_tokens, at=now)
+                track.tokens(usage.completion_tokens, at=now, prompt=usage.prompt_tokens)
         track.end(now)
 
     def joules(self) -> float | None:
@@ -132,6 +141,7 @@ class RequestRecord:
         self.route: str | None = None
         self.quality_target: float | None = None
         self.router_score: float | None = None
+        self.target_rule: str | None = None  # a rule that changed the target (carbon-aware)
         self.attempts: list[Attempt] = []
         self.status = 0
         self.error: str | None = None
@@ -143,6 +153,7 @@ class RequestRecord:
         self._waiting = 0  # tracks not final yet
         self._finished = False
         self._submitted = False
+        self._spooled = False
 
     @property
     def store_text(self) -> bool:
@@ -198,6 +209,16 @@ class RequestRecord:
         """The client left before its answer (a no-op once the request is over)."""
         self._finish(CLIENT_CLOSED_REQUEST, "client_closed")
 
+    def acknowledge(self, status: int, code: str | None) -> None:
+        """A stream's last event is about to go out: its rows as they stand go to the spool,
+        so a crash from here on cannot lose the request (its final rows follow as usual)."""
+        if self._spooled or self._finished:
+            return
+        self._spooled = True
+        self.latency_ms = (time.perf_counter() - self.started) * 1000
+        self.status, self.error = status, code
+        self.accounting.spool(self)
+
     def _energy(self, headers: dict[str, str]) -> float | None:
         """The energy so far, also put in `headers` (None: no model tried is metered)."""
         joules = self.joules()
@@ -218,6 +239,9 @@ class RequestRecord:
             self.attempts[-1].answered = True  # a stream: the last model tried answered
         for attempt in self.attempts:
             attempt.done(None)
+        if not self._spooled:  # before the answer or error goes out (streams: acknowledge)
+            self._spooled = True
+            self.accounting.spool(self)
         with self._lock:
             self._finished = True
             ready = self._waiting == 0
@@ -254,6 +278,8 @@ class RequestRecord:
         usage = answer.usage if answer is not None else None
         joules = self.joules()
         completion = answer.completion_tokens() if answer is not None else None
+        grid = self.accounting.grid
+        intensity = grid.at(self.created) if grid is not None else None
         row = {
             "id": self.id, "created": self.created, "key_id": self.key_id,
             "endpoint": self.endpoint, "stream": self.stream,
@@ -270,6 +296,10 @@ class RequestRecord:
             "joules_per_token": joules / completion if joules is not None and completion
             else None,
             "energy_source": self.energy_source(),
+            "grid_gco2_per_kwh": intensity,
+            "gco2": joules / J_PER_KWH * intensity if joules is not None
+            and intensity is not None else None,
+            "target_rule": self.target_rule,
             "prompt_text": self.prompt_text if self.store_text else None,
             "answer_text": self.answer_text if self.store_text else None,
         }
@@ -313,6 +343,11 @@ class StreamAccounting:
         _add_energy(data, joules)
         return orjson.dumps(data)
 
+    def finishing(self, status: int, code: str | None) -> None:
+        if self.texts is not None:
+            self.record.answer_text = "".join(self.texts)
+        self.record.acknowledge(status, code)
+
     def ended(self, status: int, code: str | None) -> None:
         if self.texts is not None:
             self.record.answer_text = "".join(self.texts)
@@ -326,7 +361,7 @@ def period_row(period: PeriodEnergy) -> dict[str, Any]:
             "ended": datetime.fromtimestamp(period.ended, UTC),
             "counter_start_j": period.counter_start_j, "counter_end_j": period.counter_end_j,
             "measured_j": period.measured_j, "attributed_j": period.attributed_j,
-            "idle_j": period.idle_j, "intervals": period.intervals}
+            "idle_j": period.idle_j, "other_j": period.other_j, "intervals": period.intervals}
 
 
 def prompt_text(body: dict[str, Any]) -> str:

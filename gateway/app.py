@@ -30,6 +30,7 @@ from greenroute.backends.energy.sampler import Fleet
 from greenroute.backends.registry import build_backend
 from greenroute.gateway import headers as h
 from greenroute.gateway.accounting import CLIENT_CLOSED_REQUEST, Accounting, period_row
+from greenroute.gateway.carbon import CarbonAwareTarget, GridIntensity
 from greenroute.gateway.cards import ModelCards
 from greenroute.gateway.config import RESERVED_MODEL, ConfigError, GatewayConfig
 from greenroute.gateway.draining import Drain
@@ -70,10 +71,12 @@ class Gateway:
         self.writer = writer
         self.router = router
         self.health_monitor = HealthMonitor(config.health, self.backends)
+        self.grid = GridIntensity.from_config(config.energy)  # gCO2/kWh over time
         self.green = None if router is None else GreenRoute(
             router, self.backends, default_target=config.router.default_target,
-            cascade_max_tokens=config.router.cascade_max_tokens, health=self.health_monitor)
-        self.accounting = Accounting(self.fleet, writer, config.ledger.store_text)
+            cascade_max_tokens=config.router.cascade_max_tokens, health=self.health_monitor,
+            carbon=CarbonAwareTarget.from_config(config.router, self.grid))
+        self.accounting = Accounting(self.fleet, writer, config.ledger.store_text, self.grid)
         self.planner = Planner(config, self.backends, routed=router is not None)
         self.direct = DirectRoute(config, self.backends, self.health_monitor)
         self.metrics_registry = GatewayMetrics(self.fleet, writer, self.health_monitor,
@@ -267,7 +270,8 @@ def create_app(config: GatewayConfig, backends: Mapping[str, Backend] | None = N
         writer = LedgerWriter(store.database_url(ledger.path, ledger.url),
                               batch_size=ledger.batch_size,
                               flush_interval_s=ledger.flush_interval_s,
-                              max_buffer=ledger.max_buffer, retry_s=ledger.retry_s)
+                              max_buffer=ledger.max_buffer, retry_s=ledger.retry_s,
+                              spool=ledger.spool)
     on_period = None
     if writer is not None:
         def on_period(period: PeriodEnergy) -> None:
@@ -290,7 +294,7 @@ def create_app(config: GatewayConfig, backends: Mapping[str, Backend] | None = N
         try:
             if writer is not None:
                 writer.start()
-                log.info("ledger: %s", writer.url)
+                log.info("ledger: %s", writer.shown_url)
             fleet.start()
             for name, backend in gateway.backends.items():
                 log.info("starting tier %s (%s)", name, backend.model_id)

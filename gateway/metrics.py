@@ -21,6 +21,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from greenroute.backends.energy.sampler import Fleet
+from greenroute.gateway import shared_metrics
 from greenroute.gateway.accounting import RequestRecord
 from greenroute.gateway.health import HealthMonitor
 from greenroute.gateway.ledger.writer import LedgerWriter
@@ -81,7 +82,10 @@ class GatewayMetrics:
             "greenroute_escalations_total", "Model `green`: a request handed from one tier to "
             "another (not kept, failed or cut by the cascade's cap)", ["from_tier", "to_tier"],
             registry=registry))
-        self.registry.register(_StateCollector(fleet, writer, health, unauthenticated))
+        state = _StateCollector(fleet, writer, health, unauthenticated)
+        self.registry.register(state)
+        # `serve --workers N`: every worker's counts, added up (gateway/shared_metrics.py)
+        self.shared = shared_metrics.SharedState(state) if shared_metrics.enabled() else None
 
     def observe(self, record: RequestRecord) -> None:
         """A request is over and its row is ready (any thread: prometheus_client locks)."""
@@ -107,6 +111,8 @@ class GatewayMetrics:
                     self.escalations(before.tier, after.tier).inc()
 
     def render(self) -> bytes:
+        if self.shared is not None:
+            return self.shared.render()
         return generate_latest(self.registry)
 
 

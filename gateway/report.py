@@ -29,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col
 
 from greenroute.gateway import labels
+from greenroute.gateway.carbon import GridIntensity
 from greenroute.gateway.config import (
     CONFIG_ENV,
     ConfigError,
@@ -70,8 +71,10 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
                         help=f"breakdowns, comma-separated from {', '.join(DIMENSIONS)} "
                              "(default: model,route,key,day)")
     parser.add_argument("--grid-intensity", type=float, metavar="GCO2_PER_KWH",
-                        help="grid carbon intensity (default: config's [energy] "
-                             "grid_gco2_per_kwh, else 436, Ember's world average)")
+                        help="re-price every row at this grid carbon intensity (default: "
+                             "each row's own, stored at its time from the config's [energy] "
+                             "grid_intensity file or grid_gco2_per_kwh; 436, Ember's world "
+                             "average, for rows that have none)")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
     parser.add_argument("--plot", metavar="PNG", help="also draw energy over time and joules "
                         "per token by model into this PNG (with --labels: the cards; needs "
@@ -171,9 +174,17 @@ def summarize(rows: Sequence[RequestRow], grid: float) -> dict[str, Any]:
         "joules": joules,
         "joules_per_token": joules / output if output else None,
         "wh_per_1k_requests": joules / 3600 / len(metered) * 1000 if metered else None,
-        "gco2": joules / J_PER_KWH * grid,
+        "gco2": sum(_gco2(r, grid) for r in metered),
         "energy_sources": sorted({r.energy_source for r in metered if r.energy_source}),
     }
+
+
+def _gco2(row: RequestRow, grid: float) -> float:
+    """The row's gCO2 at its own time's intensity, as the gateway stored it; a row from before
+    that (or re-priced with --grid-intensity: its gco2 cleared) at `grid`."""
+    if row.gco2 is not None:
+        return row.gco2
+    return (row.joules or 0.0) / J_PER_KWH * grid
 
 
 def _key(row: RequestRow, dimension: str) -> str:
@@ -227,27 +238,36 @@ def savings(ledger: Ledger, largest: str | None, how: str, engine: Engine) -> di
 
 def build_report(ledger: Ledger, engine: Engine, *, grid: float, dimensions: Sequence[str],
                  largest: str | None, largest_how: str, start: datetime | None,
-                 end: datetime | None, database: str) -> dict[str, Any]:
+                 end: datetime | None, database: str,
+                 series: GridIntensity | None = None) -> dict[str, Any]:
+    """`series`: the grid's intensity over time, for the idle energy of each device period
+    (request rows carry their own gCO2); without it, `grid` prices it."""
+    series = series or GridIntensity.constant(grid)
     totals = summarize(ledger.requests, grid)
     measured = sum(d.measured_j for d in ledger.devices)
     attributed = sum(d.attributed_j for d in ledger.devices)
     idle = sum(d.idle_j for d in ledger.devices)
+    idle_gco2 = sum(series.gco2(d.idle_j, d.started) for d in ledger.devices)
+    other = sum(d.other_j for d in ledger.devices)  # the servers' other clients
+    own = measured - other
     totals.update(device_measured_joules=measured, device_attributed_joules=attributed,
-                  idle_joules=idle, idle_gco2=idle / J_PER_KWH * grid,
-                  efficiency_ratio=attributed / measured if measured else None)
+                  idle_joules=idle, idle_gco2=idle_gco2, other_clients_joules=other,
+                  efficiency_ratio=attributed / own if own > 0 else None)
     devices: dict[tuple[str, str], dict[str, Any]] = {}
     for d in ledger.devices:
         entry = devices.setdefault((d.device, d.source), {
             "device": d.device, "source": d.source, "measured_joules": 0.0,
-            "attributed_joules": 0.0, "idle_joules": 0.0})
+            "attributed_joules": 0.0, "idle_joules": 0.0, "other_clients_joules": 0.0})
         entry["measured_joules"] += d.measured_j
         entry["attributed_joules"] += d.attributed_j
         entry["idle_joules"] += d.idle_j
+        entry["other_clients_joules"] += d.other_j
     return {
         "database": database,
         "window": {"from": start.isoformat() if start else None,
                    "to": end.isoformat() if end else None},
         "grid_gco2_per_kwh": grid,
+        "grid_intensity": series.source,
         "totals": totals,
         "breakdowns": {d: breakdown(ledger.requests, d, grid) for d in dimensions},
         "devices": list(devices.values()),
@@ -281,7 +301,7 @@ def render_table(report: dict[str, Any], out: Any) -> None:
     window = report["window"]
     console.print(f"[bold]GreenRoute energy report[/bold]  {report['database']}  from "
                   f"{window['from'] or 'the start'} to {window['to'] or 'now'} (UTC); grid "
-                  f"{report['grid_gco2_per_kwh']:g} gCO2/kWh")
+                  f"{_grid_text(report['grid_intensity'])}")
     totals = report["totals"]
     table = Table(title="totals")
     for _, label in COLUMNS:
@@ -290,8 +310,9 @@ def render_table(report: dict[str, Any], out: Any) -> None:
     console.print(table)
     console.print(f"devices: measured {_fmt(totals['device_measured_joules'])} J, attributed "
                   f"{_fmt(totals['device_attributed_joules'])} J, idle "
-                  f"{_fmt(totals['idle_joules'])} J ({_fmt(totals['idle_gco2'])} gCO2); "
-                  f"efficiency ratio (attributed / measured) "
+                  f"{_fmt(totals['idle_joules'])} J ({_fmt(totals['idle_gco2'])} gCO2), "
+                  f"other clients {_fmt(totals['other_clients_joules'])} J; "
+                  f"efficiency ratio (attributed / (measured - other clients)) "
                   f"{_fmt(totals['efficiency_ratio'])}")
     for dimension, groups in report["breakdowns"].items():
         table = Table(title=f"by {dimension}")
@@ -314,6 +335,12 @@ def render_table(report: dict[str, Any], out: Any) -> None:
     if "estimate" in totals["energy_sources"]:
         console.print("note: 'estimate' rows are CPU time x watts per core, not a measured "
                       "counter (docs/energy.md)")
+
+
+def _grid_text(source: str) -> str:
+    """A constant ("436 gCO2/kWh"), or the file whose readings priced each row at its time."""
+    return source if source.endswith("gCO2/kWh") else f"readings in {source} (each request " \
+        "at its own time's intensity)"
 
 
 def render_csv(report: dict[str, Any], out: Any) -> None:
@@ -394,6 +421,8 @@ def run(args: argparse.Namespace) -> int:
         energy = config.energy if config is not None else EnergyConfig()
         grid = args.grid_intensity if args.grid_intensity is not None \
             else energy.grid_gco2_per_kwh
+        series = GridIntensity.constant(grid) if args.grid_intensity is not None \
+            else GridIntensity.from_config(energy)
         dimensions = [d.strip() for d in args.by.split(",") if d.strip()]
         unknown = [d for d in dimensions if d not in DIMENSIONS]
         if unknown:
@@ -401,13 +430,16 @@ def run(args: argparse.Namespace) -> int:
         start, end = window(args.since, args.start, args.end)
         engine = store.open_engine(url, read_only=True)
         ledger = read_ledger(engine, start, end)
+        if args.grid_intensity is not None:  # re-price every row at the intensity given
+            for row in ledger.requests:
+                row.gco2 = None
         if args.labels:
             engine.dispose()
             return run_labels(args, ledger, grid=grid, start=start, end=end, database=url)
         largest, how = _largest(config)
         report = build_report(ledger, engine, grid=grid, dimensions=dimensions,
                               largest=largest, largest_how=how, start=start, end=end,
-                              database=url)
+                              database=url, series=series)
         if args.plot:
             sources = "+".join(report["totals"]["energy_sources"]) or "no energy source"
             plot(ledger, args.plot, f"energy source: {sources}")

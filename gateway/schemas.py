@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from greenroute.gateway.errors import APIError, bad_request
 
@@ -28,6 +28,17 @@ class StreamOptions(_Open):
 class Message(_Open):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_have_text(cls, content: Any) -> Any:
+        """A text part's `text` is a string: the router and the backends join them (any other
+        part passes through, for the backend to take or refuse)."""
+        if isinstance(content, list):
+            for part in content:
+                if part.get("type") == "text" and not isinstance(part.get("text"), str):
+                    raise ValueError("a content part of type 'text' needs a string 'text'")
+        return content
 
 
 class _Sampling(_Open):

@@ -75,6 +75,8 @@ class StreamObserver(Protocol):
 
     def usage_chunk(self, chunk: Chunk) -> bytes: ...
 
+    def finishing(self, status: int, code: str | None) -> None: ...  # before the last event
+
     def ended(self, status: int, code: str | None) -> None: ...
 
 
@@ -107,15 +109,21 @@ async def sse_events(first: Sequence[Chunk] | None, rest: ChunkStream, include_u
                 yield b"".join(parts)
             batch = await anext(rest, None)
         status, code = 200, None
+        if observer is not None:
+            observer.finishing(status, code)
         yield DONE
     except BackendError as exc:
         error = APIError.from_backend(exc)
         status, code = error.status, error.code
+        if observer is not None:
+            observer.finishing(status, code)
         yield b"data: " + orjson.dumps(error.body()) + b"\n\n"
     except Exception:
         log.exception("stream failed")
         error = server_error()
         status, code = error.status, error.code
+        if observer is not None:
+            observer.finishing(status, code)
         yield b"data: " + orjson.dumps(error.body()) + b"\n\n"
     finally:
         if status == 499 and stop is not None and stop.done():

@@ -70,7 +70,8 @@ def save(path: str | Path, policy: RoutingPolicy, encoder: Encoder,
             arrays |= {"keep.edges": step.keep_edges, "keep.rates": step.keep_rates}
         file = f"step-{step.tier}.npz"
         np.savez_compressed(staging / file, allow_pickle=False, **arrays)
-        steps.append({"tier": step.tier, "file": file, "cascade": step.confidence is not None})
+        steps.append({"tier": step.tier, "file": file, "cascade": step.confidence is not None,
+                      "signals": list(step.confidence.signals) if step.confidence else []})
     full = {
         "format": FORMAT, "version": VERSION, **manifest, "tiers": policy.tiers,
         "encoder": encoder_spec, "steps": steps, "energy_per_prompt": policy.energy.tolist(),

@@ -1,18 +1,21 @@
 """Cascade confidence: after a smaller tier has answered, how likely is the answer as good as
 the largest tier's would be?
 
-Inputs are the answer's own logprob features (routers/features.py) and the router's score for
-the prompt: the answer's confidence is a strong signal that prompt-only routers never see (on
-a 20-question quiz Qwen2.5-Coder-0.5B's first answer token averaged probability 0.72 when right
-and 0.32 when wrong), and the router's score adds what the prompt says. A logistic model on
-standardised inputs, trained with the routers' labels (routers/models.py: Target).
+Inputs are the answer's own logprob features (routers/features.py), optionally the signals
+that cost extra calls (agreement of k samples, the model's self-check), and the router's score
+for the prompt: the answer's confidence is what prompt-only routers never see, and the router's
+score adds what the prompt says. A logistic model on standardised inputs, trained with the
+routers' labels (routers/models.py: Target). Which inputs a model uses is part of its state, so
+the gateway knows which signals to gather before it can judge an answer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 
-from greenroute.routers.features import FEATURES
+from greenroute.routers.features import FEATURES, SIGNALS
 from greenroute.routers.models import Target, _sigmoid, fit_logistic
 
 
@@ -22,14 +25,27 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 
 class ConfidenceModel:
-    """P(the answer is as good as the largest tier's | its logprob features, router score)."""
+    """P(the answer is as good as the largest tier's | its inputs, router score)."""
 
-    def __init__(self, l2: float = 1.0) -> None:
+    def __init__(self, l2: float = 1.0, inputs: Sequence[str] = FEATURES) -> None:
+        unknown = [name for name in inputs if name not in (*FEATURES, *SIGNALS)]
+        if unknown:
+            raise ValueError(f"unknown confidence inputs: {', '.join(unknown)}")
         self.l2 = l2
-        self.mean = np.zeros(len(FEATURES) + 1)
-        self.scale = np.ones(len(FEATURES) + 1)
-        self.w = np.zeros(len(FEATURES) + 1)
+        self.inputs = tuple(inputs)  # columns of `features`, in this order
+        self.mean = np.zeros(len(self.inputs) + 1)
+        self.scale = np.ones(len(self.inputs) + 1)
+        self.w = np.zeros(len(self.inputs) + 1)
         self.b = 0.0
+
+    @property
+    def signals(self) -> tuple[str, ...]:
+        """The inputs that need extra calls (agreement, self-check), in SIGNALS order."""
+        return tuple(name for name in SIGNALS if name in self.inputs)
+
+    def row(self, values: Mapping[str, float]) -> np.ndarray:
+        """One answer's inputs as a (1, inputs) row; KeyError names a missing one."""
+        return np.array([[float(values[name]) for name in self.inputs]])
 
     def _inputs(self, features: np.ndarray, router_score: np.ndarray) -> np.ndarray:
         return np.column_stack([features, _logit(router_score)])
@@ -46,11 +62,13 @@ class ConfidenceModel:
 
     def state(self) -> dict[str, np.ndarray]:
         return {"mean": self.mean, "scale": self.scale, "w": self.w, "b": np.array(self.b),
-                "l2": np.array(self.l2)}
+                "l2": np.array(self.l2), "inputs": np.array(self.inputs, dtype=str)}
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray]) -> ConfidenceModel:
-        model = cls(float(state["l2"]))
+        # Artifacts written before signals existed have no `inputs`: the logprob features.
+        inputs = tuple(str(n) for n in state["inputs"]) if "inputs" in state else FEATURES
+        model = cls(float(state["l2"]), inputs)
         model.mean, model.scale, model.w = state["mean"], state["scale"], state["w"]
         model.b = float(state["b"])
         return model

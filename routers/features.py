@@ -13,6 +13,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 FEATURES = ("lp_mean", "lp_min", "lp_first", "lp_last", "entropy_mean", "entropy_first")
+# Signals beyond the answer's own logprobs, each costing extra calls: the share of k samples
+# agreeing on the final answer (routers/agreement.py), and the model's own P(yes) when asked
+# whether its answer is correct (routers/selfcheck.py).
+AGREEMENT = "agreement"
+SELF_CHECK = "self_check"
+SIGNALS = (AGREEMENT, SELF_CHECK)
 TAIL = 5  # tokens at the end of an answer: where a reasoned answer states its result
 
 

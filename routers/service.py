@@ -12,7 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,7 +22,7 @@ import numpy as np
 from greenroute.routers import artifact
 from greenroute.routers.artifact import ArtifactError, Router
 from greenroute.routers.encoders import StaticEncoder
-from greenroute.routers.features import FEATURES, logprob_features
+from greenroute.routers.features import logprob_features
 from greenroute.routers.policy import CANDIDATES
 
 log = logging.getLogger("greenroute.router")
@@ -130,10 +130,16 @@ class RouterService:
         plan = tuple(tier for tier, used in zip(policy.tiers, tried, strict=True) if used)
         return Decision(candidate=candidate, scores=tuple(float(s) for s in p[0]), plan=plan)
 
-    def keep(self, decision: Decision, tier: str, logprobs: list[dict[str, Any]] | None
-             ) -> tuple[bool, float | None]:
+    def signals(self, tier: str) -> tuple[str, ...]:
+        """The extra signals (routers/features.py: SIGNALS) a stage's confidence model reads,
+        which the gateway gathers before judging the stage's answer."""
+        step = self.policy.steps[self.policy.tiers.index(tier)]
+        return step.confidence.signals if step.confidence is not None else ()
+
+    def keep(self, decision: Decision, tier: str, logprobs: list[dict[str, Any]] | None,
+             signals: Mapping[str, float] | None = None) -> tuple[bool, float | None]:
         """Whether a cascade stage's answer is kept, and its confidence. An answer without
-        logprobs cannot be judged, so it is not kept."""
+        logprobs, or without a signal its model reads, cannot be judged, so it is not kept."""
         j = self.policy.tiers.index(tier)
         step = self.policy.steps[j]
         if step.confidence is None:
@@ -141,7 +147,10 @@ class RouterService:
         features = logprob_features(logprobs or [])
         if features is None or decision.candidate is None:
             return False, None
-        row = np.array([[features[name] for name in FEATURES]])
+        try:
+            row = step.confidence.row({**features, **(signals or {})})
+        except KeyError:
+            return False, None
         confidence = float(step.confidence.predict(row, np.array([decision.scores[j]]))[0])
         return confidence >= CANDIDATES[decision.candidate], confidence
 

@@ -185,9 +185,23 @@ def test_client_disconnect_mid_stream_stops_generation(gateway: Gateway,
     assert reply.choices[0].message.content is not None
 
 
+def test_embedded_samples_n_choices_and_counts_every_token(client: openai.OpenAI) -> None:
+    """`n` > 1 is n samples, one after another (the cascade's agreement signal)."""
+    reply = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=3, n=3,
+                                           temperature=0.7, seed=1)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert reply.usage is not None and reply.usage.completion_tokens >= 3
+    one = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=3)
+    assert one.usage is not None and reply.usage.prompt_tokens == one.usage.prompt_tokens
+
+
 def test_embedded_refuses_what_it_cannot_do(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2, n=2)
+        client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2, n=17)
+    assert caught.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2, n=2,
+                                       stream=True)
     assert caught.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(

@@ -37,12 +37,17 @@ ALLOWED: dict[str, frozenset[str]] = {
 
 # greenroute.gateway modules of the admin commands
 ADMIN = ("report", "labels", "agent", "keys_command")
+# greenroute.gateway modules of the config layer: the config, and the grid-intensity series its
+# [energy] grid_intensity file holds (read by the app and by `report`)
+CONFIG = ("config", "carbon")
 
 
 def layer_of(module: str) -> str:
     """The layer of a module of the namespace, e.g. greenroute.gateway.ledger.store -> ledger."""
     parts = module.split(".")
-    if parts[1] == "gateway" and len(parts) > 2 and parts[2] in ("cli", "config", "ledger"):
+    if parts[1] == "gateway" and len(parts) > 2 and parts[2] in CONFIG:
+        return "config"
+    if parts[1] == "gateway" and len(parts) > 2 and parts[2] in ("cli", "ledger"):
         return parts[2]
     if parts[1] == "gateway" and len(parts) > 2 and parts[2] in ADMIN:
         return "admin"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sqlite3
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -128,6 +129,53 @@ def test_rows_that_cannot_be_written_at_shutdown_are_kept_for_the_next_start(
     assert not list(tmp_path.glob("ledger-unwritten-*.jsonl"))
 
 
+PASSWORD = "s3cret-Pw"
+POSTGRES_URL = f"postgresql+psycopg://greenroute:{PASSWORD}@127.0.0.1:9/ledger"
+
+
+def test_a_missing_driver_does_not_kill_the_writer_thread_nor_print_the_password(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """psycopg not installed: the import fails inside the thread with ModuleNotFoundError,
+    which used to end the thread silently (write_failures: 0, rows piling up)."""
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # `import psycopg` now fails
+    caplog.set_level(logging.INFO, logger="greenroute.ledger")
+    writer = LedgerWriter(POSTGRES_URL, flush_interval_s=0.02, retry_s=0.01,
+                          spill_dir=tmp_path)
+    writer.start()
+    writer.put("requests", _row(0))
+    wait_until(lambda: writer.failures >= 3, timeout=10)  # it keeps retrying
+    assert writer._thread.is_alive()
+    stats = writer.stats()
+    assert stats["buffered"] == 1 and stats["write_failures"] >= 3
+    assert stats["last_error"].startswith("ModuleNotFoundError")
+    writer.close(timeout_s=2)
+    (spill,) = tmp_path.glob("ledger-unwritten-*.jsonl")  # kept for the next start
+    assert b"req-0" in spill.read_bytes()
+    assert "cannot write to postgresql+psycopg://greenroute:***@127.0.0.1:9/ledger" in caplog.text
+    assert "saved to" in caplog.text
+    assert PASSWORD not in caplog.text and PASSWORD not in str(stats)
+
+
+def test_a_driver_error_quoting_the_password_is_scrubbed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    writer = LedgerWriter(POSTGRES_URL, spill_dir=tmp_path)
+
+    def refuse(url: str) -> object:
+        raise RuntimeError(f"cannot connect with {url} (password {PASSWORD})")
+
+    monkeypatch.setattr(store, "open_engine", refuse)
+    writer.put("requests", _row(0))
+    writer.start()
+    wait_until(lambda: writer.failures >= 1, timeout=10)
+    writer.close(timeout_s=1)
+    assert writer.last_error is not None and PASSWORD not in writer.last_error
+    assert "greenroute:***@" in writer.last_error
+    assert PASSWORD not in caplog.text
+    assert writer.shown_url == "postgresql+psycopg://greenroute:***@127.0.0.1:9/ledger"
+
+
 # The ledger as the first release (schema version 1) created it on SQLite, frozen here: the
 # migrations must bring a database of this shape, with its rows, to what the models create now.
 VERSION_1 = """
@@ -225,10 +273,10 @@ def test_a_version_1_ledger_migrates_to_the_models_schema_and_keeps_its_rows(
 def test_a_ledger_stamped_1_that_has_router_score_migrates_too(tmp_path: Path) -> None:
     """The column reached the models before its migration: such ledgers are stamped 1."""
     db = tmp_path / "l.db"
+    with sqlite3.connect(db) as connection:
+        connection.executescript(VERSION_1)
+        connection.execute("ALTER TABLE requests ADD COLUMN router_score FLOAT")
     engine = store.open_engine(store.database_url(db))
-    store.migrate(engine)
-    with engine.begin() as connection:
-        connection.execute(text("UPDATE ledger_version SET version = 1"))
     assert store.migrate(engine) == store.latest_version()
     assert "router_score" in {c["name"] for c in inspect(engine).get_columns("requests")}
     engine.dispose()

@@ -291,3 +291,47 @@ def test_meter_defaults_and_device_groups() -> None:
     assert meters["a"][1] is meters["b"][1]  # one process: one CPU device, shared
     with pytest.raises(ValueError, match="needs gpus"):
         MeterConfig(kind="nvml")
+
+
+# -- a model server's token counters (vLLM's /metrics) -----------------------------------------
+
+def test_server_tokens_read_vllms_counters_and_absorb_a_restart() -> None:
+    from greenroute.backends.energy.server_tokens import ServerTokens, metrics_url
+    from greenroute.backends.fake_openai import FakeUpstream
+
+    assert metrics_url("http://gpu:8000/v1") == "http://gpu:8000/metrics"
+    assert metrics_url("http://gpu:8000/v1/") == "http://gpu:8000/metrics"
+    with FakeUpstream() as upstream:
+        record = upstream.record
+        record.prompt_tokens, record.generation_tokens, record.running = 100, 40, 3
+        counters = ServerTokens(metrics_url(upstream.url))
+        first = counters.read()
+        assert (first.prompt, first.generated, first.running) == (0.0, 0.0, 3.0)  # a baseline
+        record.prompt_tokens, record.generation_tokens = 130, 50
+        assert (counters.read().prompt, counters.read().generated) == (30.0, 10.0)
+        record.prompt_tokens, record.generation_tokens = 5, 2  # the server restarted
+        again = counters.read()
+        assert (again.prompt, again.generated) == (35.0, 12.0)
+
+
+def test_a_vllm_tier_metered_by_prometheus_reads_its_servers_counters_by_default() -> None:
+    from fake_dcgm import FakeDcgm
+
+    from greenroute.backends.energy.sampler import Fleet
+    from greenroute.backends.fake_openai import FakeUpstream
+
+    with FakeUpstream() as upstream, FakeDcgm(lambda: 100.0) as exporter:
+        def tier(name: str, url: str, **meter: object) -> TierConfig:
+            return TierConfig.model_validate({
+                "name": name, "backend": "openai", "url": url, "model": "echo",
+                "meter": {"kind": "prometheus", "url": exporter.url, **meter}})
+
+        not_vllm = exporter.url.removesuffix("/metrics") + "/v1"  # its /metrics has no tokens
+        fleet = Fleet([tier("auto", upstream.url), tier("off", upstream.url, gpus=[0],
+                                                         server_metrics="off")])
+        assert list(fleet.devices["auto"].servers) == ["auto"]
+        assert fleet.devices["off"].servers == {}
+        plain = Fleet([tier("plain", not_vllm)])
+        assert plain.devices["plain"].servers == {}  # a warning says it runs without them
+        with pytest.raises(MeterError):
+            Fleet([tier("by-hand", upstream.url, server_metrics="http://127.0.0.1:9/metrics")])

@@ -34,14 +34,17 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from greenroute.backends.energy.costs import TokenCosts
 from greenroute.backends.energy.meter import Meter, MeterError
+from greenroute.backends.energy.server_tokens import ServerCount, ServerTokens
 
 log = logging.getLogger("greenroute.energy")
 
 Clock = Callable[[], float]
+CARRY_DECAY = 0.9  # per interval: a carried token is forgotten within a couple of seconds
 
 
 @dataclass(eq=False, slots=True)
@@ -51,6 +54,7 @@ class Track:
     device: Device
     label: str = ""
     on_final: Callable[[Track], None] | None = None
+    tier: str = ""  # whose token costs weigh its tokens (costs.py)
     begun: float | None = None
     ended: float | None = None
     mark: float = 0.0  # tokens are reported up to here
@@ -61,9 +65,10 @@ class Track:
         """The device starts working on this request (not while it waits in a queue)."""
         self.device._begin(self)
 
-    def tokens(self, n: float, at: float | None = None) -> None:
-        """n tokens were processed since the previous report, up to `at` (default: now)."""
-        self.device._tokens(self, n, at)
+    def tokens(self, n: float, at: float | None = None, prompt: float = 0.0) -> None:
+        """n generated and `prompt` prompt tokens were processed since the previous report, up
+        to `at` (default: now)."""
+        self.device._tokens(self, prompt, n, at)
 
     def end(self, at: float | None = None) -> None:
         """The device is done with this request; later calls do nothing."""
@@ -85,7 +90,13 @@ class Interval:
     t1: float
     joules: float
     counter1: float  # the meter's reading at t1
-    weights: dict[Track, float] = field(default_factory=dict)  # tokens within [t0, t1]
+    # [prompt, generated] tokens each track processed within [t0, t1]
+    weights: dict[Track, list[float]] = field(default_factory=dict)
+    # with server counters: tier -> (prompt, generated) tokens its server processed, for all
+    # its clients, and the most requests it had running at either end
+    server: dict[str, tuple[float, float]] | None = None
+    running: float = 0.0
+    priced: bool = True  # a slow counter has stepped past t1, so `joules` is known
 
 
 @dataclass(slots=True)
@@ -102,16 +113,30 @@ class PeriodEnergy:
     attributed_j: float
     idle_j: float
     intervals: int
+    other_j: float = 0.0  # used by the server's other clients (other gateway processes)
 
 
 class Device:
     """One meter's counter, its open interval, the intervals awaiting settlement, and the
-    active tracks."""
+    active tracks.
+
+    `servers` (tier -> its model server's token counters) makes the server the denominator:
+    this process takes E x (its tokens / the servers' tokens) and the rest is `other`.
+    `costs` weighs each tier's prompt and generated tokens. `update_s` > 0 marks a slow counter
+    (one that steps about every `update_s`): a step is spread over the time since the previous
+    one, and intervals settle only once the counter has stepped past them."""
 
     def __init__(self, meter: Meter, *, period_s: float = 60.0,
                  on_period: Callable[[PeriodEnergy], None] | None = None,
-                 clock: Clock = time.monotonic, wall: Clock = time.time) -> None:
+                 clock: Clock = time.monotonic, wall: Clock = time.time,
+                 servers: Mapping[str, ServerTokens] | None = None,
+                 costs: TokenCosts | None = None, update_s: float = 0.0) -> None:
         self.meter = meter
+        self.servers = dict(servers or {})
+        self.costs = costs or TokenCosts()
+        self.update_s = update_s
+        # request boundaries can be interval boundaries only where nothing else must be read
+        self._cheap = meter.cheap and not self.servers
         self.name = meter.device
         self.source = meter.source
         self.period_s = period_s
@@ -120,37 +145,49 @@ class Device:
         self._wall_offset = wall() - clock()
         self._lock = threading.Lock()
         t, reading = clock(), meter.read_joules()
+        self._open_server = self._read_servers()
         self._open_t0, self._open_counter = t, reading
-        self._open_weights: dict[Track, float] = {}
+        self._open_weights: dict[Track, list[float]] = {}
+        # a slow counter: when and at what it last stepped, and the intervals since then
+        self._change_t, self._change_counter = t, reading
+        self._unpriced: list[Interval] = []
+        self._stepped = False
+        # decayed least-squares sums for step = idle W x time + busy W x covered time
+        self._power_fit = [0.0] * 5  # tt, tc, cc, te, ce
+        # with server counters: this process's tokens that an interval's server count could
+        # not hold yet (reported a little before the server counted them), carried forward
+        self._carry = 0.0
         self._pending: deque[Interval] = deque()
         self._active: list[Track] = []  # begun, not yet final
         self._settled_until = t
         self._period: PeriodEnergy = self._new_period(t, reading)
-        self.measured_j = self.attributed_j = self.idle_j = 0.0
+        self.measured_j = self.attributed_j = self.idle_j = self.other_j = 0.0
         self.read_errors = 0
 
     # -- requests -----------------------------------------------------------------------------
 
-    def track(self, label: str = "", on_final: Callable[[Track], None] | None = None) -> Track:
-        return Track(self, label, on_final)
+    def track(self, label: str = "", on_final: Callable[[Track], None] | None = None,
+              tier: str = "") -> Track:
+        return Track(self, label, on_final, tier)
 
     def _begin(self, track: Track) -> None:
         with self._lock:
             if track.begun is not None or track.ended is not None:
                 return
             t = self._clock()
-            if self.meter.cheap:
+            if self._cheap:
                 self._read_and_close(t)
             track.begun = track.mark = t
             self._active.append(track)
 
-    def _tokens(self, track: Track, n: float, at: float | None) -> None:
+    def _tokens(self, track: Track, prompt: float, generated: float, at: float | None) -> None:
         with self._lock:
-            if track.begun is None or track.ended is not None or n <= 0:
+            if track.begun is None or track.ended is not None or prompt < 0 or generated < 0 \
+                    or prompt + generated <= 0:
                 return
             now = self._clock()
             at = now if at is None else min(max(at, track.mark), now)
-            self._spread(track, n, track.mark, at)
+            self._spread(track, (prompt, generated), track.mark, at)
             track.mark = at
 
     def _end(self, track: Track, at: float | None, only_unbegun: bool = False) -> None:
@@ -165,7 +202,7 @@ class Device:
             else:
                 track.ended = min(max(at if at is not None else now, track.mark), now)
                 track.mark = track.ended
-                if self.meter.cheap:
+                if self._cheap:
                     self._read_and_close(now)
                 finals = self._settle()
         self._notify(finals)
@@ -176,7 +213,7 @@ class Device:
                 return track.joules
             provisional = track.joules
             for interval in self._pending:
-                shares, _ = self._split(interval)
+                shares, _, _ = self._split(interval)
                 provisional += shares.get(track, 0.0)
             return provisional
 
@@ -186,15 +223,16 @@ class Device:
         """Read the meter and close the open interval (the sampler calls this every tick)."""
         finals: list[Track] = []
         try:
-            if self.meter.cheap:
+            if self._cheap:
                 with self._lock:
                     self._close(self._clock(), self.meter.read_joules())
                     finals = self._settle()
             else:  # slow (HTTP): read outside the lock; nothing else reads this meter
                 t = self._clock()
                 reading = self.meter.read_joules()
+                server = self._read_servers()
                 with self._lock:
-                    self._close(t, reading)
+                    self._close(t, reading, server)
                     finals = self._settle()
         except MeterError as exc:
             self._read_failed(exc)
@@ -203,14 +241,15 @@ class Device:
     def close(self) -> None:
         """Final reading; end what is still active and settle everything (shutdown)."""
         try:
-            reading = self.meter.read_joules()
+            reading: float | None = self.meter.read_joules()
+            server = self._read_servers()
         except MeterError as exc:
             self._read_failed(exc)
             reading = None
         with self._lock:
             now = self._clock()
             if reading is not None:
-                self._close(now, reading)
+                self._close(now, reading, server)
             for track in self._active:
                 if track.ended is None:
                     track.ended = track.mark = now
@@ -231,38 +270,130 @@ class Device:
             log.warning("energy meter %s (%s) could not be read (%d times): %s", self.name,
                         self.source, self.read_errors, exc)
 
-    def _close(self, t: float, reading: float) -> None:
+    def _power_shape(self, step: float) -> list[float]:
+        """How a slow counter's step is spread over the intervals it covers: by an estimate of
+        their power, `idle W + extra W while a request is active`, fitted to the steps so far
+        (the first ones, or a fit that makes no sense: constant power)."""
+        covered = []
+        for waiting in self._unpriced:
+            spans = [(max(t.begun, waiting.t0), min(t.ended if t.ended is not None
+                                                    else math.inf, waiting.t1))
+                     for t in self._active if t.begun is not None]
+            covered.append(_union_length([(a, b) for a, b in spans if b > a]))
+        durations = [w.t1 - w.t0 for w in self._unpriced]
+        length, busy = sum(durations), sum(covered)
+        fit = self._power_fit
+        for i in range(5):
+            fit[i] *= 0.9  # recent steps count most
+        for i, value in enumerate((length * length, length * busy, busy * busy,
+                                   length * step, busy * step)):
+            fit[i] += value
+        tt, tc, cc, te, ce = fit
+        det = tt * cc - tc * tc
+        if det > 1e-9 * max(tt * cc, 1e-12):
+            idle_w, extra_w = (te * cc - tc * ce) / det, (tt * ce - tc * te) / det
+            if idle_w >= 0 and extra_w >= 0:
+                return [idle_w * d + extra_w * c for d, c in zip(durations, covered,
+                                                                 strict=True)]
+        return durations
+
+    def _read_servers(self) -> dict[str, ServerCount] | None:
+        return {tier: s.read() for tier, s in self.servers.items()} if self.servers else None
+
+    def _close(self, t: float, reading: float,
+               server: dict[str, ServerCount] | None = None) -> None:
         t = max(t, self._open_t0)
         joules = reading - self._open_counter
         if joules < 0:
             log.error("energy meter %s went backwards by %.3f J; counting 0", self.name, -joules)
             joules = 0.0
-        self._pending.append(Interval(self._open_t0, t, joules, reading, self._open_weights))
+            self._change_counter = reading
+        interval = Interval(self._open_t0, t, joules, reading, self._open_weights)
+        if server is not None and self._open_server is not None:
+            interval.server = {
+                tier: (max(now.prompt - server_before.prompt, 0.0),
+                       max(now.generated - server_before.generated, 0.0))
+                for tier, now in server.items()
+                if (server_before := self._open_server.get(tier)) is not None}
+            interval.running = max(sum(c.running for c in server.values()),
+                                   sum(c.running for c in self._open_server.values()))
+        if server is not None:
+            self._open_server = server
+        if self.update_s > 0:
+            self._price(interval, reading)
+        self._pending.append(interval)
         self._open_t0, self._open_counter, self._open_weights = t, reading, {}
+
+    def _price(self, interval: Interval, reading: float) -> None:
+        """A slow counter: spread each step over the time since the previous step (power taken
+        as constant in between), and hold the intervals until the counter steps past them."""
+        interval.priced, interval.joules, interval.counter1 = False, 0.0, self._change_counter
+        self._unpriced.append(interval)
+        step = reading - self._change_counter
+        if step > 0:
+            span = interval.t1 - self._change_t
+            if not self._stepped:
+                # The first step also holds energy from before this process started reading:
+                # it is taken to cover at least one update period, and the part before the
+                # first reading is left out (the counter's start moves up by it).
+                full = max(span, self.update_s)
+                before = step * (1.0 - span / full) if full > 0 else 0.0
+                step -= before
+                self._change_counter += before
+                self._period.counter_start_j += before
+                self._stepped = True
+            base = self._change_counter
+            shape = self._power_shape(step)
+            total = sum(shape)
+            for waiting, weight in zip(self._unpriced, shape, strict=True):
+                part = step * weight / total if total > 0 else (
+                    step if waiting is interval else 0.0)
+                base += part
+                waiting.joules, waiting.counter1, waiting.priced = part, base, True
+            interval.counter1 = reading
+        elif interval.t1 - self._change_t <= 2 * self.update_s:
+            return  # no step yet: the counter may simply not have updated
+        # else: no step for two update periods: the device used no energy, or the counter is
+        # stuck; either way nothing more is known about these intervals
+        for waiting in self._unpriced:
+            waiting.priced = True
+        self._unpriced.clear()
+        self._change_t, self._change_counter = interval.t1, reading
 
     # -- splitting ----------------------------------------------------------------------------
 
-    def _spread(self, track: Track, n: float, a: float, b: float) -> None:
-        """Add n tokens, processed uniformly over (a, b], to the intervals that cover it."""
+    def _spread(self, track: Track, n: tuple[float, float], a: float, b: float) -> None:
+        """Add (prompt, generated) tokens, processed uniformly over (a, b], to the intervals
+        that cover it."""
         if b <= a:
             target = self._open_weights if b >= self._open_t0 else next(
                 (i.weights for i in reversed(self._pending) if i.t0 <= b), None)
             if target is not None:
-                target[track] = target.get(track, 0.0) + n
+                _add(target, track, n, 1.0)
             return
         length = b - a
         if b > self._open_t0:
-            part = n * (b - max(a, self._open_t0)) / length
-            self._open_weights[track] = self._open_weights.get(track, 0.0) + part
+            _add(self._open_weights, track, n, (b - max(a, self._open_t0)) / length)
         for interval in reversed(self._pending):
             if interval.t1 <= a:
                 break
             overlap = min(b, interval.t1) - max(a, interval.t0)
             if overlap > 0:
-                interval.weights[track] = interval.weights.get(track, 0.0) + n * overlap / length
+                _add(interval.weights, track, n, overlap / length)
 
-    def _split(self, interval: Interval) -> tuple[dict[Track, float], float]:
-        """(joules per track, idle joules) of one interval, from what is known now."""
+    def _weights(self, interval: Interval, among: Mapping[Track, object]) -> dict[Track, float]:
+        """Each track's tokens in the interval, weighted by what a token of its tier costs."""
+        weights = {}
+        for track, (prompt, generated) in interval.weights.items():
+            if track in among and prompt + generated > 0:
+                cost_p, cost_g = self.costs.cost(track.tier)
+                weights[track] = prompt * cost_p + generated * cost_g
+        return weights
+
+    def _split(self, interval: Interval,
+               commit: bool = False) -> tuple[dict[Track, float], float, float]:
+        """(joules per track, idle joules, other clients' joules) of one interval, from what is
+        known now."""
         t0, t1, energy = interval.t0, interval.t1, interval.joules
         spans: dict[Track, tuple[float, float]] = {}
         for track in self._active:
@@ -271,22 +402,67 @@ class Device:
             stop = min(track.ended if track.ended is not None else math.inf, t1)
             if stop > start or (t1 == t0 and track.begun <= t0 and stop >= start):
                 spans[track] = (start, stop)
-        if not spans or energy == 0.0:
-            return {}, energy
         length = t1 - t0
+        if interval.server is not None:
+            return self._split_by_server(interval, spans, length, commit)
+        if not spans or energy == 0.0:
+            return {}, energy, 0.0
         covered = _union_length(spans.values())
         idle = energy * (1.0 - covered / length) if length > 0 else 0.0
-        weights = {t: w for t, w in interval.weights.items() if t in spans and w > 0}
+        weights = self._weights(interval, spans)
         if not weights:  # nobody processed a token here: by time active instead
             weights = {t: (b - a) if length > 0 else 1.0 for t, (a, b) in spans.items()}
         total = sum(weights.values())
         if total <= 0:
-            return {}, energy
+            return {}, energy, 0.0
         attributable = energy - idle
-        return {t: attributable * w / total for t, w in weights.items()}, idle
+        return {t: attributable * w / total for t, w in weights.items()}, idle, 0.0
+
+    def _split_by_server(self, interval: Interval, spans: dict[Track, tuple[float, float]],
+                         length: float, commit: bool) -> tuple[dict[Track, float], float, float]:
+        """The servers counted every client's tokens: this process's share is its tokens over
+        theirs (cost-weighted); the rest went to other clients. Idle only when the servers
+        processed nothing, had nothing running and no request of ours was active.
+
+        Our tokens are reported from outside the server (spread over each request's time), so
+        an interval may hold more of ours than the server counted in it, and the next fewer:
+        the excess is carried to the following intervals (decaying by CARRY_DECAY each), where
+        it may fill what the server counted beyond ours. `commit`: settling, not a preview."""
+        energy = interval.joules
+        assert interval.server is not None
+        served = 0.0
+        for tier, (prompt, generated) in interval.server.items():
+            cost_p, cost_g = self.costs.cost(tier)
+            served += prompt * cost_p + generated * cost_g
+        carry = self._carry
+        if served > 0:
+            weights = self._weights(interval, spans)
+            own = sum(weights.values())
+            if own >= served:
+                mine, carry = energy, carry + own - served
+            else:
+                used = min(carry, served - own) if own > 0 else 0.0
+                mine, carry = energy * (own + used) / served, carry - used
+            if commit:
+                self._carry = carry * CARRY_DECAY
+            if own <= 0:
+                return {}, 0.0, energy
+            shares = {t: mine * w / own for t, w in weights.items()}
+        elif spans:  # ours were active (waiting on the server): by requests running
+            times = {t: (b - a) / length if length > 0 else 1.0 for t, (a, b) in spans.items()}
+            ours = sum(times.values())
+            if ours <= 0:
+                return {}, 0.0, energy
+            mine = energy * min(1.0, ours / max(interval.running, ours))
+            shares = {t: mine * w / ours for t, w in times.items()}
+        elif interval.running > 0:
+            return {}, 0.0, energy
+        else:
+            return {}, energy, 0.0
+        return shares, 0.0, energy - sum(shares.values())
 
     def _settled(self, interval: Interval) -> bool:
-        return all(track.ended is not None or track.mark >= interval.t1
+        return interval.priced and all(track.ended is not None or track.mark >= interval.t1
                    or (track.begun is not None and track.begun >= interval.t1)
                    for track in self._active)
 
@@ -294,20 +470,27 @@ class Device:
         """Split the settled intervals, oldest first; return the tracks that became final."""
         while self._pending and (force or self._settled(self._pending[0])):
             interval = self._pending.popleft()
-            shares, idle = self._split(interval)
+            shares, idle, other = self._split(interval, commit=True)
+            self._learn(interval, idle + other)
             for track, joules in shares.items():
                 track.joules += joules
-            attributed = interval.joules - idle if shares else 0.0
-            idle = interval.joules - attributed
+            attributed = sum(shares.values())
+            # what rounding leaves goes to the larger remainder, so the three sum to E exactly
+            if other > 0:
+                other = interval.joules - attributed - idle
+            else:
+                idle = interval.joules - attributed
             self.measured_j += interval.joules
             self.attributed_j += attributed
             self.idle_j += idle
+            self.other_j += other
             period = self._period
             period.ended = interval.t1 + self._wall_offset
             period.counter_end_j = interval.counter1
             period.measured_j += interval.joules
             period.attributed_j += attributed
             period.idle_j += idle
+            period.other_j += other
             period.intervals += 1
             self._settled_until = interval.t1
             if interval.t1 + self._wall_offset - period.started >= self.period_s:
@@ -319,6 +502,25 @@ class Device:
             for track in finals:
                 track.final = True
         return finals
+
+    def _learn(self, interval: Interval, unattributable: float) -> None:
+        """A solo interval (one tier processed tokens) is an observation of that tier's costs."""
+        if interval.joules <= 0:
+            return
+        if interval.server is not None:
+            busy = {tier: n for tier, n in interval.server.items() if n[0] + n[1] > 0}
+            if len(busy) == 1:
+                ((tier, (prompt, generated)),) = busy.items()
+                self.costs.observe(tier, prompt, generated, interval.joules)
+            return
+        tiers: dict[str, list[float]] = {}
+        for track, (prompt, generated) in interval.weights.items():
+            sums = tiers.setdefault(track.tier, [0.0, 0.0])
+            sums[0] += prompt
+            sums[1] += generated
+        if len(tiers) == 1:
+            ((tier, (prompt, generated)),) = tiers.items()
+            self.costs.observe(tier, prompt, generated, interval.joules - unattributable)
 
     # -- periods ------------------------------------------------------------------------------
 
@@ -341,6 +543,13 @@ class Device:
                     track.on_final(track)
                 except Exception:
                     log.exception("energy callback failed for %s", track.label)
+
+
+def _add(weights: dict[Track, list[float]], track: Track, n: tuple[float, float],
+         fraction: float) -> None:
+    sums = weights.setdefault(track, [0.0, 0.0])
+    sums[0] += n[0] * fraction
+    sums[1] += n[1] * fraction
 
 
 def _union_length(spans: object) -> float:

@@ -82,6 +82,16 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
+def scrape(url: str, timeout_s: float) -> str:
+    """The text of a Prometheus endpoint; any failure is a MeterError."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            body: bytes = response.read()
+            return body.decode("utf-8", errors="replace")
+    except (urllib.error.URLError, OSError) as exc:
+        raise MeterError(f"scraping {url}: {exc}") from exc
+
+
 class PrometheusMeter:
     """Cumulative joules of some GPUs' counter series on a Prometheus text endpoint."""
 
@@ -104,12 +114,7 @@ class PrometheusMeter:
         self.read_joules()  # fail at start-up, not at the first sample, if it cannot be read
 
     def _scrape(self) -> str:
-        try:
-            with urllib.request.urlopen(self.url, timeout=self.timeout_s) as response:
-                body: bytes = response.read()
-                return body.decode("utf-8", errors="replace")
-        except (urllib.error.URLError, OSError) as exc:
-            raise MeterError(f"scraping {self.url}: {exc}") from exc
+        return scrape(self.url, self.timeout_s)
 
     def _series(self, text: str) -> dict[str, float]:
         try:

@@ -37,6 +37,13 @@ class MeterConfig(BaseModel):
     metric: str = DCGM_ENERGY
     joules_per_unit: float = Field(default=0.001, gt=0)  # DCGM reports millijoules
     timeout_s: float = Field(default=2.0, gt=0)
+    # How often the counter itself updates, in seconds; > 0 turns on slow-counter handling
+    # (each step spread over the time since the previous one). DCGM exporter: 30 (its -c 30000).
+    update_s: float = Field(default=0.0, ge=0)
+    # prometheus on a vLLM tier: where to read the server's token counters, the denominator
+    # shared with its other clients. "auto": the tier's url without /v1, plus /metrics; "off";
+    # or a URL.
+    server_metrics: str = "auto"
     # estimate: watts per busy core (Cloud Carbon Footprint's AWS average, docs/energy.md).
     watts_per_core: float = Field(default=DEFAULT_WATTS_PER_CORE, gt=0)
     # rapl: the powercap tree.

@@ -11,11 +11,17 @@ import threading
 from collections.abc import Callable, Iterable
 
 from greenroute.backends.energy.attribution import Device, PeriodEnergy, Track
+from greenroute.backends.energy.costs import TokenCosts
 from greenroute.backends.energy.meter import MeterError
-from greenroute.backends.energy.select import shared_meters
+from greenroute.backends.energy.registry import MeterConfig
+from greenroute.backends.energy.select import meter_config, shared_meters
+from greenroute.backends.energy.server_tokens import ServerTokens, metrics_url
 from greenroute.backends.registry import TierConfig
 
 log = logging.getLogger("greenroute.energy")
+
+# Meter kinds that see a whole GPU, shared by every client of the servers on it.
+SERVER_METERED = ("prometheus", "nvml")
 
 
 class Sampler:
@@ -46,6 +52,30 @@ class Sampler:
         self.device.close()
 
 
+def server_tokens(tier: TierConfig, meter: MeterConfig) -> ServerTokens | None:
+    """The token counters of the server behind a tier, if its energy is read beside them: a
+    vLLM (`openai`) tier metered by `prometheus` or `nvml` (a GPU that other processes may
+    use too), unless `server_metrics = "off"`. With "auto", a server without the counters (not
+    vLLM) is used without them, and a warning says so."""
+    setting = meter.server_metrics
+    if setting == "off" or meter.kind not in SERVER_METERED:
+        return None
+    if setting != "auto":
+        counters = ServerTokens(setting, meter.timeout_s)
+        counters.read()  # a URL set by hand must work: fail at start-up
+        return counters
+    if tier.backend != "openai" or not tier.url:
+        return None
+    counters = ServerTokens(metrics_url(tier.url), meter.timeout_s)
+    try:
+        counters.read()
+    except MeterError as exc:
+        log.warning("energy: tier %s: no server token counters (%s); its share of the meter "
+                    "is taken as everything this process sees", tier.name, exc)
+        return None
+    return counters
+
+
 class Fleet:
     """The devices of a gateway's tiers, one per distinct meter, with their samplers."""
 
@@ -54,12 +84,25 @@ class Fleet:
                  on_period: Callable[[PeriodEnergy], None] | None = None) -> None:
         self.devices: dict[str, Device] = {}  # tier name -> device
         self._samplers: list[Sampler] = []
-        by_key: dict[tuple[object, ...], Device] = {}
-        for tier, (key, meter) in shared_meters(tiers).items():
-            if key not in by_key:
-                by_key[key] = Device(meter, period_s=period_s, on_period=on_period)
-                self._samplers.append(Sampler(by_key[key], interval_s))
-            self.devices[tier] = by_key[key]
+        tiers = list(tiers)
+        meters = shared_meters(tiers)
+        groups: dict[tuple[object, ...], list[TierConfig]] = {}
+        for tier in tiers:
+            if tier.name in meters:
+                groups.setdefault(meters[tier.name][0], []).append(tier)
+        for members in groups.values():
+            configs = {t.name: meter_config(t) for t in members}
+            servers = {t.name: counters for t in members
+                       if (config := configs[t.name]) is not None
+                       and (counters := server_tokens(t, config)) is not None}
+            first = configs[members[0].name]
+            device = Device(meters[members[0].name][1], period_s=period_s, on_period=on_period,
+                            servers=servers,
+                            costs=TokenCosts({t.name: t.energy_hint for t in members}),
+                            update_s=first.update_s if first is not None else 0.0)
+            self._samplers.append(Sampler(device, interval_s))
+            for tier in members:
+                self.devices[tier.name] = device
 
     def start(self) -> None:
         for sampler in self._samplers:
@@ -71,7 +114,7 @@ class Fleet:
     def track(self, tier: str, label: str,
               on_final: Callable[[Track], None] | None = None) -> Track | None:
         device = self.devices.get(tier)
-        return device.track(label, on_final) if device is not None else None
+        return device.track(label, on_final, tier) if device is not None else None
 
     def distinct(self) -> list[Device]:
         return [s.device for s in self._samplers]

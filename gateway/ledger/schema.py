@@ -38,6 +38,9 @@ class RequestRow(SQLModel, table=True):
     joules: float | None = None  # all models tried; None when no tier tried was metered
     joules_per_token: float | None = None  # per completion token of the answer
     energy_source: str | None = Field(default=None, max_length=64)  # estimate, nvml, ...
+    grid_gco2_per_kwh: float | None = None  # the grid's intensity when the request arrived
+    gco2: float | None = None  # joules at that intensity (None when joules is None)
+    target_rule: str | None = Field(default=None, max_length=64)  # e.g. carbon:0.95->0.9@512g
     prompt_text: str | None = None  # only with store_text
     answer_text: str | None = None
 
@@ -61,9 +64,10 @@ class AttemptRow(SQLModel, table=True):
 
 
 class DeviceEnergyRow(SQLModel, table=True):
-    """A device's measured energy over one period: attributed to requests, or idle.
+    """A device's measured energy over one period: attributed to requests, idle, or used by
+    the server's other clients (other gateway processes, by the server's token counters).
 
-    measured_j = attributed_j + idle_j = counter_end_j - counter_start_j, to rounding.
+    measured_j = attributed_j + idle_j + other_j = counter_end_j - counter_start_j, to rounding.
     """
 
     __tablename__ = "device_energy"
@@ -78,6 +82,7 @@ class DeviceEnergyRow(SQLModel, table=True):
     attributed_j: float
     idle_j: float
     intervals: int
+    other_j: float = Field(default=0.0, sa_column_kwargs={"server_default": "0"})
 
 
 class ApiKeyRow(SQLModel, table=True):

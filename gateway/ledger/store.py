@@ -40,7 +40,24 @@ def _add_keys_and_usage(connection: Connection) -> None:
     SQLModel.metadata.create_all(connection, tables=tables)
 
 
-MIGRATIONS: list[Migration] = [_add_router_score, _add_keys_and_usage]
+def _add_carbon_columns(connection: Connection) -> None:
+    """3 -> 4: each request's grid intensity and gCO2 at its time, and the target rule that
+    changed its quality target (gateway/carbon.py). Rows from before keep NULL: `report`
+    prices those at its grid intensity."""
+    for column, kind in (("grid_gco2_per_kwh", "FLOAT"), ("gco2", "FLOAT"),
+                         ("target_rule", "VARCHAR(64)")):
+        connection.execute(text(f"ALTER TABLE requests ADD COLUMN {column} {kind}"))
+
+
+def _add_other_clients(connection: Connection) -> None:
+    """4 -> 5: `device_energy.other_j`, energy the device's server spent on other clients
+    (other gateway processes) by its own token counters; 0 for rows from before."""
+    connection.execute(text(
+        "ALTER TABLE device_energy ADD COLUMN other_j FLOAT NOT NULL DEFAULT 0"))
+
+
+MIGRATIONS: list[Migration] = [_add_router_score, _add_keys_and_usage, _add_carbon_columns,
+                               _add_other_clients]
 BASE_VERSION = 1  # the schema the first release created (tests/test_ledger.py keeps its DDL)
 MIGRATION_LOCK = 0x6772_6e72  # Postgres advisory lock key held while migrating ("grnr")
 
