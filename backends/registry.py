@@ -9,6 +9,7 @@ when it builds one, so reading a config loads neither llama.cpp nor litellm.
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -77,7 +78,7 @@ class TierConfig(BaseModel):
         return self.api_key
 
 
-class BackendKind:
+class BackendKind(abc.ABC):
     """How a tier of one backend kind is checked, prepared and built."""
 
     # TierConfig fields this kind cannot do without, in the order they are checked.
@@ -91,11 +92,13 @@ class BackendKind:
             if not getattr(tier, field):
                 raise ValueError(f"tier {tier.name!r}: backend {tier.backend!r} needs {field}")
 
-    def prepare(self, tier: TierConfig, *, fetch: bool, log: Log) -> None:
-        """Make sure what the backend loads locally is present (raise WeightsError if not)."""
+    def prepare(self, tier: TierConfig, *, fetch: bool, log: Log) -> None:  # noqa: B027
+        """Make sure what the backend loads locally is present (raise WeightsError if not);
+        by default a kind loads nothing locally."""
 
+    @abc.abstractmethod
     def build(self, tier: TierConfig) -> Backend:
-        raise NotImplementedError
+        """The backend this tier declares."""
 
 
 class OpenAIKind(BackendKind):

@@ -9,6 +9,7 @@ loaded only when a meter is opened, so reading a config loads none.
 
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 from typing import ClassVar
 
@@ -64,7 +65,7 @@ class MeterConfig(BaseModel):
         return self
 
 
-class MeterKind:
+class MeterKind(abc.ABC):
     """How one kind of meter is configured, opened and grouped."""
 
     # MeterConfig fields this kind cannot do without, with what each one is.
@@ -76,13 +77,13 @@ class MeterKind:
             if not getattr(config, field):
                 raise ValueError(f"meter {config.kind!r} needs {field} ({what})")
 
+    @abc.abstractmethod
     def open(self, config: MeterConfig) -> Meter:
         """The meter (raises MeterError if its counter cannot be read)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def group_key(self, config: MeterConfig) -> tuple[object, ...]:
         """Meters with the same key read the same counter."""
-        raise NotImplementedError
 
 
 class EstimateKind(MeterKind):
