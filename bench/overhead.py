@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/overhead.py [--requests 2000] [--concurrency 64] [--spool on|off]
     .venv/bin/python bench/overhead.py --spool-cost-only
+    .venv/bin/python bench/overhead.py --upstream-port 18100 --baseline-url http://127.0.0.1:18102/v1
 
 The client is aiohttp on uvloop (lighter than httpx, so it takes less CPU from the
 processes it measures). Starts a local OpenAI-protocol upstream that answers at once
@@ -10,6 +11,11 @@ serve`, its own process), then sends the same chat request both ways, alternatin
 hits both alike: sequentially, and from `--concurrency` workers at once; non-streamed and
 streamed (time to the end of the stream).
 Prints p50/p99 of each path, the p50/p99 the gateway adds, and requests per second.
+
+`--baseline-url` compares with another gateway (another version, started by hand in front of
+the same upstream: `--upstream-port` fixes the upstream's port): its requests are interleaved
+with the two others in the same loop, so all three paths see the same conditions, and it gets
+its own rows ("baseline").
 
 Then the ledger spool's own cost per request (gateway/ledger/spool.py), measured in-process,
 because microseconds disappear in the end-to-end figures' noise: what the request path does
@@ -77,33 +83,41 @@ async def _one(client: aiohttp.ClientSession, url: str, stream: bool) -> float:
     return time.perf_counter() - started
 
 
-async def _run(direct: str, gateway: str, requests: int, concurrency: int,
-               stream: bool) -> dict[str, float]:
-    times: dict[str, list[float]] = {"direct": [], "gateway": []}
-    connector = aiohttp.TCPConnector(limit=concurrency * 2)
+async def _run(urls: dict[str, str], requests: int, concurrency: int,
+               stream: bool) -> list[dict[str, float]]:
+    """One row per gateway in `urls` ("gateway", and "baseline" if given) against "direct"."""
+    times: dict[str, list[float]] = {path: [] for path in urls}
+    connector = aiohttp.TCPConnector(limit=concurrency * len(urls))
     async with aiohttp.ClientSession(connector=connector) as client:
-        for url in (direct, gateway):  # warm up connections and code paths
+        for url in urls.values():  # warm up connections and code paths
             await asyncio.gather(*(_one(client, url, stream) for _ in range(concurrency)))
         per_worker = requests // concurrency
 
         async def worker() -> None:
             for _ in range(per_worker):
-                times["direct"].append(await _one(client, direct, stream))
-                times["gateway"].append(await _one(client, gateway, stream))
+                for path, url in urls.items():
+                    times[path].append(await _one(client, url, stream))
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-    result: dict[str, float] = {}
+    quantiles: dict[str, tuple[float, float]] = {}
     for path, values in times.items():
         values.sort()
-        result[f"{path}_p50_ms"] = statistics.median(values) * 1000
-        result[f"{path}_p99_ms"] = values[int(len(values) * 0.99) - 1] * 1000
-    result["added_p50_ms"] = result["gateway_p50_ms"] - result["direct_p50_ms"]
-    result["added_p99_ms"] = result["gateway_p99_ms"] - result["direct_p99_ms"]
-    # Both paths ran in the same window; each got about half of it.
-    result["gateway_rps"] = len(times["gateway"]) / (elapsed / 2)
-    return result
+        quantiles[path] = (statistics.median(values) * 1000,
+                           values[int(len(values) * 0.99) - 1] * 1000)
+    rows = []
+    direct_p50, direct_p99 = quantiles["direct"]
+    for path in urls:
+        if path == "direct":
+            continue
+        p50, p99 = quantiles[path]
+        # Every path ran in the same window; each got about an equal part of it.
+        rows.append({"gateway": path, "direct_p50_ms": direct_p50, "gateway_p50_ms": p50,
+                     "added_p50_ms": p50 - direct_p50, "direct_p99_ms": direct_p99,
+                     "gateway_p99_ms": p99, "added_p99_ms": p99 - direct_p99,
+                     "gateway_rps": len(times[path]) / (elapsed / len(urls))})
+    return rows
 
 
 class _Model:
@@ -163,6 +177,11 @@ def main() -> None:
                         help="the gateway's [ledger] spool (default on, as in the product)")
     parser.add_argument("--spool-cost-only", action="store_true",
                         help="only the in-process spool cost, no gateway")
+    parser.add_argument("--upstream-port", type=int,
+                        help="the fake upstream's port (default: a free one)")
+    parser.add_argument("--baseline-url", metavar="URL",
+                        help="another gateway's /v1 (e.g. a previous version in front of the "
+                             "same upstream), measured in the same loop")
     args = parser.parse_args()
     spool = spool_cost(max(args.requests, 20_000))
     spool_line = (f"ledger spool, per request ({max(args.requests, 20_000)} requests, "
@@ -173,7 +192,7 @@ def main() -> None:
         print(spool_line)
         return
 
-    upstream_port, gateway_port = free_port(), free_port()
+    upstream_port, gateway_port = args.upstream_port or free_port(), free_port()
     upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "bench.toml"
@@ -191,10 +210,12 @@ def main() -> None:
             rows = []
             for concurrency in (1, args.concurrency):
                 for stream in (False, True):
-                    result = _run_loop(_run(upstream_url + "/chat/completions",
-                                              f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
-                                              args.requests, concurrency, stream))
-                    rows.append({"concurrency": concurrency, "stream": stream, **result})
+                    urls = {"direct": upstream_url + "/chat/completions",
+                            "gateway": f"http://127.0.0.1:{gateway_port}/v1/chat/completions"}
+                    if args.baseline_url:
+                        urls["baseline"] = args.baseline_url.rstrip("/") + "/chat/completions"
+                    for result in _run_loop(_run(urls, args.requests, concurrency, stream)):
+                        rows.append({"concurrency": concurrency, "stream": stream, **result})
         finally:
             gateway.terminate()
             upstream.terminate()
@@ -203,11 +224,11 @@ def main() -> None:
 
     print(f"gateway overhead, {args.requests} requests per path and mode, "
           f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, spool {args.spool}")
-    header = ("conc", "stream", "direct p50", "gw p50", "added p50", "direct p99", "gw p99",
-              "added p99", "gw req/s")
+    header = ("gateway", "conc", "stream", "direct p50", "gw p50", "added p50", "direct p99",
+              "gw p99", "added p99", "gw req/s")
     print(" | ".join(f"{h:>10}" for h in header))
     for r in rows:
-        cells = (r["concurrency"], "yes" if r["stream"] else "no",
+        cells = (r["gateway"], r["concurrency"], "yes" if r["stream"] else "no",
                  *(f"{r[k]:.3f} ms" for k in ("direct_p50_ms", "gateway_p50_ms", "added_p50_ms",
                                               "direct_p99_ms", "gateway_p99_ms", "added_p99_ms")),
                  f"{r['gateway_rps']:.0f}")
