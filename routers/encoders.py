@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -211,7 +212,9 @@ class EmbeddingCache:
             rows = encoder.encode([t for _, t in missing])
             known.update(zip([k for k, _ in missing], rows, strict=True))
             self.directory.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_suffix(".tmp.npz")
+            # Its own name per process: several may add to one cache at once (the last one's
+            # file wins, complete; the others' rows are embedded again when next asked for).
+            temporary = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp.npz")
             np.savez(temporary, keys=np.array(list(known)), rows=np.stack(list(known.values())))
             os.replace(temporary, path)
         return np.stack([known[k] for k in keys]).astype(np.float32)
