@@ -136,6 +136,8 @@ class _StateCollector(Collector):
                  "attributed_j"),
                 ("greenroute_energy_idle_joules_total", "Energy with no request in flight",
                  "idle_j"),
+                ("greenroute_energy_other_joules_total", "Energy the server's other clients "
+                 "used (other gateway processes, by the server's token counters)", "other_j"),
                 ("greenroute_energy_meter_errors_total", "Failed meter reads", "read_errors")):
             family = CounterMetricFamily(name, help_text, labels=["device", "source"])
             for device in devices:

@@ -133,6 +133,9 @@ def test_a_metered_tiers_joules_match_its_ledger_rows(tmp_path: Path) -> None:
     attributed = value(parsed, "greenroute_energy_attributed_joules_total", device="cpu:process",
                        source="estimate")
     assert attributed is not None and attributed >= 0
+    # A local meter has no other clients (a vLLM server's counters give them: test_fleet_...)
+    assert value(parsed, "greenroute_energy_other_joules_total", device="cpu:process",
+                 source="estimate") == 0
 
 
 def test_requests_refused_for_their_key_are_counted_apart() -> None:
