@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -75,19 +75,25 @@ def rating(ratio: float) -> str:
     return RATINGS[min(max(int(math.floor(math.log2(ratio))), 0), len(RATINGS) - 1)]
 
 
-def tier_labels(attempts: Iterable[AttemptRow], grid: float) -> list[Label]:
+def tier_labels(attempts: Iterable[AttemptRow], grid: float,
+                intensity: Mapping[str, float] | None = None) -> list[Label]:
     """The cards of every tier with attempts, rated against each other: the most efficient
-    first, unrated tiers last (by name)."""
+    first, unrated tiers last (by name). A call's gCO2 is at its request's own grid intensity
+    (`intensity`, by request id, as the ledger stored it) and at `grid` where there is none."""
     by_tier: dict[str, list[AttemptRow]] = defaultdict(list)
     for attempt in attempts:
         by_tier[attempt.tier].append(attempt)
-    labels = rate([_label(tier, rows, grid) for tier, rows in sorted(by_tier.items())])
+    labels = rate([_label(tier, rows, grid, intensity or {})
+                   for tier, rows in sorted(by_tier.items())])
     return sorted(labels, key=lambda x: (x.relative_to_best is None, x.relative_to_best or 0))
 
 
-def _label(tier: str, rows: Sequence[AttemptRow], grid: float) -> Label:
+def _label(tier: str, rows: Sequence[AttemptRow], grid: float,
+           intensity: Mapping[str, float]) -> Label:
     metered = [a for a in rows if a.joules is not None]
     joules = sum(a.joules or 0.0 for a in metered)
+    gco2 = sum((a.joules or 0.0) / J_PER_KWH * intensity.get(a.request_id, grid)
+               for a in metered)
     output = sum(a.completion_tokens or 0 for a in metered)
     sources = sorted({a.energy_source for a in metered if a.energy_source})
     return Label(
@@ -96,8 +102,7 @@ def _label(tier: str, rows: Sequence[AttemptRow], grid: float) -> Label:
         metered_output_tokens=output, joules=joules,
         wh_per_1k_requests=joules / J_PER_WH / len(metered) * 1000 if metered else None,
         wh_per_1k_output_tokens=joules / J_PER_WH / output * 1000 if output else None,
-        gco2_per_1k_requests=joules / J_PER_KWH * grid / len(metered) * 1000 if metered
-        else None,
+        gco2_per_1k_requests=gco2 / len(metered) * 1000 if metered else None,
         energy_sources=sources, estimate="estimate" in sources,
         upstream_models=sorted({a.upstream_model for a in rows if a.upstream_model}))
 

@@ -461,11 +461,16 @@ def run(args: argparse.Namespace) -> int:
 def run_labels(args: argparse.Namespace, ledger: Ledger, *, grid: float, start: datetime | None,
                end: datetime | None, database: str) -> int:
     """`--labels`: the tiers' cards instead of the report, in the same window and formats."""
-    cards = labels.tier_labels(ledger.attempts, grid)
+    # Each request at the intensity stored with it (a row without one, or all rows when
+    # --grid-intensity re-prices them, at `grid`)
+    stored = {r.id: r.grid_gco2_per_kwh for r in ledger.requests
+              if r.gco2 is not None and r.grid_gco2_per_kwh is not None}
+    cards = labels.tier_labels(ledger.attempts, grid, stored)
     if args.outcomes:
         cards = labels.with_quality(cards, args.outcomes)
     span = f"from {_day(start) or 'the start'} to {_day(end) or 'now'} (UTC)"
-    header = f"{span}; grid {grid:g} gCO2/kWh"
+    header = (f"{span}; grid: each request's own intensity, else {grid:g} gCO2/kWh" if stored
+              else f"{span}; grid {grid:g} gCO2/kWh")
     if args.outcomes:
         header += f"; quality from {os.path.basename(args.outcomes)}"
     if args.plot:

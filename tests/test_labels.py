@@ -26,7 +26,8 @@ from conftest import GREENROUTE, REPO, start_gateway, stop_gateway
 
 from greenroute.backends.fake_openai import FakeUpstream
 from greenroute.gateway.cli import main
-from greenroute.gateway.labels import rating
+from greenroute.gateway.labels import rating, tier_labels
+from greenroute.gateway.ledger.schema import AttemptRow
 
 WATTS = 300.0
 SENT = {"small": 12, "large": 8, "dark": 4}
@@ -259,3 +260,15 @@ def test_an_outcome_table_that_names_no_tier_is_a_clear_error(
     assert "no tier (small, large, dark) is one of its models (gpt)" in err
     status, _, err = _report(run, capsys, "--outcomes", str(run["tmp"] / "missing.jsonl"))
     assert status == 2 and "no outcome rows in" in err
+
+
+def test_each_call_is_priced_at_its_own_requests_grid_intensity() -> None:
+    """A ledger written with a grid-intensity file stores each request's intensity: the cards
+    price each call at it, and at the report's grid only where a request has none."""
+    calls = [AttemptRow(request_id=f"r{i}", position=0, tier="small", joules=3.6e3,
+                        completion_tokens=10, answered=True) for i in range(3)]
+    stored = {"r0": 100.0, "r1": 800.0}  # r2 has none: the report's grid (400)
+    card = tier_labels(calls, 400.0, stored)[0]
+    # 3.6 kJ = 1 Wh = 0.001 kWh per call: 0.1 + 0.8 + 0.4 gCO2 over 3 requests
+    assert card.gco2_per_1k_requests == pytest.approx((0.1 + 0.8 + 0.4) / 3 * 1000)
+    assert tier_labels(calls, 400.0)[0].gco2_per_1k_requests == pytest.approx(400.0)
