@@ -145,13 +145,16 @@ def energy_saved(pair: Pair, curve: Curve, target: float = DEFAULT_TARGET) -> Sa
 
 def summarize(pair: Pair, curve: Curve, target: float = DEFAULT_TARGET) -> dict[str, float | None]:
     """Every metric of one curve, as a flat dict (the unit of metrics.json); the PGR-based
-    ones are None on prompts where the large model is no better (a small fold can be so)."""
+    ones are None on prompts where the large model is no better (a small fold can be so), and
+    AIQ is None where the small plan does not use less energy than the large model (a stage
+    that samples k answers and checks itself can cost more)."""
     saving = energy_saved(pair, curve, target)
     has_gap = pair.quality_large.mean() > pair.quality_small.mean()  # else PGR is undefined
     result: dict[str, float | None] = {"apgr": apgr(pair, curve) if has_gap else None}
     for level in CPT_LEVELS:
         result[f"cpt{round(level * 100)}"] = cpt(pair, curve, level) if has_gap else None
-    result["aiq"] = aiq(pair, curve)
+    has_range = pair.energy_large.mean() > pair.energy_small.mean()  # else AIQ is undefined
+    result["aiq"] = aiq(pair, curve) if has_range else None
     result["energy_saved"] = saving.saved
     result["share_at_target"] = saving.share
     result["quality_at_target"] = saving.quality

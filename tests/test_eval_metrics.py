@@ -87,6 +87,18 @@ def test_a_large_model_that_is_no_better_has_no_gap() -> None:
         metrics.apgr(pair, metrics.random_curve(pair))
 
 
+def test_a_small_plan_that_costs_more_than_the_large_model_has_no_aiq() -> None:
+    """A cascade stage with k samples and a self-check can cost more than the large model:
+    AIQ's energy range is then empty, and the summary says None instead of failing."""
+    pair = Pair(np.array([1.0, 0.0, 1.0]), np.array([1.0, 1.0, 1.0]), np.full(3, 0.9),
+                np.full(3, 0.5))
+    curve = metrics.ranking_curve(pair, metrics.oracle_scores(pair))
+    summary = metrics.summarize(pair, curve, 0.9)
+    assert summary["aiq"] is None and summary["apgr"] is not None
+    with pytest.raises(ValueError, match="does not use more energy"):
+        metrics.aiq(pair, curve)
+
+
 def test_folds_keep_identical_prompts_together_and_balance_the_rest() -> None:
     prompts = [f"q{i}" for i in range(40)] + ["same"] * 5
     table = OutcomeTable(ids=[str(i) for i in range(45)], tasks=["t"] * 45, prompts=prompts,
