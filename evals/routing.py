@@ -88,15 +88,18 @@ def cross_validate_policy(table: OutcomeTable, tiers: Sequence[str], embed: Embe
     label = name or f"{config.kind}+{'cascade' if _has_cascade(data, config) else 'router'}"
     result = PolicyResult(label, whole_policy=True)
     per_target = {t: TargetResult(label, t) for t in config.targets}
-    pair = _pair(data)
+    # Each prompt's outcomes as its fold's plan runs them (plain calls unless it cascades)
+    seen = TierData(data.tiers, data.quality.copy(), data.energy.copy(), data.features,
+                    data.energy_source, data.inputs)
     pooled = np.zeros((3, 0))
     for test in group_folds(table.prompts, folds, seed):
         train = np.setdiff1d(np.arange(len(table)), test)
         policy, _ = fit(x[train], [table.prompts[i] for i in train], data.subset(train), config)
-        held = data.subset(test)
+        held = data.subset(test).for_plan(cascades(policy))
+        seen.quality[test], seen.energy[test] = held.quality, held.energy
         outcomes = replay(policy, x[test], held)
         curve = outcomes.curve()
-        result.folds.append(metrics.summarize(pair.subset(test), curve))
+        result.folds.append(metrics.summarize(_pair(held), curve))
         points = len(test) * np.stack([curve.share, curve.quality, curve.energy])
         pooled = points if not pooled.size else pooled + points
         p = policy.scores(x[test])
@@ -109,7 +112,7 @@ def cross_validate_policy(table: OutcomeTable, tiers: Sequence[str], embed: Embe
             row.ideal_saved.append(ideal_saving(outcomes, held, target))
     share, quality, energy = pooled / len(table)  # candidates line up across folds
     result.curve = metrics.Curve(share=share, quality=quality, energy=energy)
-    result.whole = metrics.summarize(pair, result.curve)
+    result.whole = metrics.summarize(_pair(seen), result.curve)
     return result, list(per_target.values())
 
 
@@ -150,6 +153,11 @@ def ideal_saving(outcomes: Replay, data: TierData, target: float) -> float:
 def _pair(data: TierData) -> metrics.Pair:
     return metrics.Pair(data.quality[:, 0], data.quality[:, -1], data.energy[:, 0],
                         data.energy[:, -1])
+
+
+def cascades(policy: RoutingPolicy) -> bool:
+    """Whether a stage of `policy` judges its answer (else it routes on the prompt alone)."""
+    return any(step.confidence is not None for step in policy.steps)
 
 
 def _has_cascade(data: TierData, config: TrainConfig) -> bool:

@@ -61,11 +61,19 @@ class TierData:
     features: list[np.ndarray | None]  # per tier: (prompts, inputs) or None
     energy_source: dict[str, str]
     inputs: tuple[str, ...] = FEATURES  # the columns of `features`: logprobs, then signals
+    # With signals: the same prompts as one plain call to each tier, which is what a plan
+    # without a cascade runs (its small tiers neither sample k answers nor check themselves).
+    plain: TierData | None = None
 
     def subset(self, index: np.ndarray) -> TierData:
         return TierData(self.tiers, self.quality[index], self.energy[index],
                         [None if f is None else f[index] for f in self.features],
-                        self.energy_source, self.inputs)
+                        self.energy_source, self.inputs,
+                        None if self.plain is None else self.plain.subset(index))
+
+    def for_plan(self, cascade: bool) -> TierData:
+        """The outcomes a plan runs into: the signals' stages for a cascade, else plain calls."""
+        return self if cascade or self.plain is None else self.plain
 
 
 def tier_data(table: OutcomeTable, tiers: Sequence[str],
@@ -75,6 +83,7 @@ def tier_data(table: OutcomeTable, tiers: Sequence[str],
     (their quality) and its energy theirs (the stage runs the samples, not the greedy answer);
     a self-check adds its call's joules; and the signals join the logprob features as inputs.
     The features stay the greedy answer's (the table's), a stand-in for the majority sample's."""
+    plain = tier_data(table, tiers, profile) if signals else None
     roles = ["small"] * (len(tiers) - 1) + ["large"]
     energies, sources = [], {}
     for tier, role in zip(tiers, roles, strict=True):
@@ -98,7 +107,7 @@ def tier_data(table: OutcomeTable, tiers: Sequence[str],
             energies[j] = energies[j] + columns["self_check_joules"]
         features[j] = np.column_stack([greedy, *(columns[name] for name in signals)])
     return TierData(list(tiers), np.column_stack(quality), np.column_stack(energies), features,
-                    sources, (*FEATURES, *signals))
+                    sources, (*FEATURES, *signals), plain)
 
 
 def out_of_fold(x: np.ndarray, target: Target, prompts: Sequence[str], config: TrainConfig
@@ -147,7 +156,8 @@ class Calibration:
 def fit_policy(x: np.ndarray, prompts: Sequence[str], data: TierData,
                config: TrainConfig) -> tuple[RoutingPolicy, Calibration]:
     """Calibrate on cross-fitted outcomes of every prompt, then fit the served policy on all of
-    them (see the module docstring)."""
+    them (see the module docstring). A plan without a cascade is fitted on plain calls."""
+    data = data.for_plan(config.cascade)
     outcomes = cross_fit(x, prompts, data, config)
     policy = fit_steps(x, prompts, data, config)
     return policy, calibrate(policy, outcomes, data, config)

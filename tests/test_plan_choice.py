@@ -90,6 +90,23 @@ def test_one_family_splits_nothing() -> None:
         assert policy.thresholds == alone.thresholds
 
 
+def test_with_signals_prompt_only_is_priced_as_plain_calls() -> None:
+    """A table with signals: the cascade's stage samples k answers (here 5 times a plain
+    call's joules), but a plan without a cascade makes one plain call to the small tier, and is
+    fitted, calibrated and compared at that cost, not at the stage's."""
+    x, plain = _outcomes(2000, seed=2, prompt_signal=True, answer_signal=False)
+    staged = replace(plain, energy=plain.energy * np.array([5.0, 1.0]), plain=plain)
+    assert staged.for_plan(cascade=False) is plain and staged.for_plan(cascade=True) is staged
+    assert staged.subset(np.arange(10)).for_plan(cascade=False).energy.shape == (10, 2)
+    _, _, plan = fit_chosen(x, _prompts(2000), staged, CONFIG)
+    _, _, alone = fit_chosen(x, _prompts(2000), plain, CONFIG)
+    saved = {c.family: c.energy_saved for c in plan.candidates}
+    assert saved[PROMPT_ONLY] == pytest.approx(
+        next(c.energy_saved for c in alone.candidates if c.family == PROMPT_ONLY))
+    assert saved[PROMPT_ONLY] > 0.1 and plan.family == PROMPT_ONLY
+    assert saved[CASCADE] < saved[PROMPT_ONLY]  # its stage costs 5 J of the largest's 4
+
+
 @pytest.mark.timeout(900)  # 40 cross-fitted calibrations
 def test_the_chosen_plan_keeps_its_guarantee_on_new_traffic() -> None:
     """Chosen and calibrated on the same prompts, the served plan still meets its target on
