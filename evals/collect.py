@@ -32,6 +32,7 @@ from greenroute.backends.energy.meter import Meter
 from greenroute.backends.registry import TierConfig, build_backend
 from greenroute.evals import graders
 from greenroute.evals.outcomes import OutcomeWriter, compact, read_rows
+from greenroute.evals.pause import wait_while_paused
 from greenroute.evals.prompts import Prompt, render
 from greenroute.evals.signals import SignalPlan
 from greenroute.evals.signals import collect as collect_signals
@@ -102,7 +103,7 @@ async def collect(plan: CollectPlan, stream: Any = sys.stderr) -> None:
                 await runner.run(todo)
             if signals is not None:
                 await collect_signals(backend, tier.name, plan.items, writer, signals,
-                                      runner.meter, stream)
+                                      runner.meter, stream, plan.pause_file)
         finally:
             writer.close()
             await backend.aclose()
@@ -135,7 +136,7 @@ class _TierRun:
         async def worker() -> None:
             while not queue.empty():
                 item = queue.get_nowait()
-                await self._wait_while_paused()
+                await wait_while_paused(self.plan.pause_file, self.progress.note)
                 prompt = render(item)
                 result = await self.answer(item, prompt)
                 self.writer.append(_row(item, prompt, {self.tier.name: result}))
@@ -143,15 +144,6 @@ class _TierRun:
 
         await asyncio.gather(*(worker() for _ in range(max(1, self.plan.concurrency))))
         self.progress.finish()
-
-    async def _wait_while_paused(self) -> None:
-        pause = self.plan.pause_file
-        if pause is None or not pause.exists():
-            return
-        self.progress.note(f"paused while {pause} exists")
-        while pause.exists():
-            await asyncio.sleep(1.0)
-        self.progress.note("resumed")
 
     async def answer(self, item: Item, prompt: Prompt) -> dict[str, Any]:
         """One model's graded answer to one item, or the error that prevented it."""

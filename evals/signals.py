@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
@@ -31,6 +32,7 @@ from greenroute.backends.base import Backend, Endpoint
 from greenroute.backends.energy.meter import Meter
 from greenroute.evals import graders
 from greenroute.evals.outcomes import OutcomeWriter, read_rows
+from greenroute.evals.pause import wait_while_paused
 from greenroute.evals.prompts import Prompt, render
 from greenroute.evals.tasks import Item
 from greenroute.routers import agreement, selfcheck
@@ -75,8 +77,10 @@ def _has(result: Mapping[str, Any], field: str) -> bool:
 
 
 async def collect(backend: Backend, tier: str, items: Sequence[Item], writer: OutcomeWriter,
-                  plan: SignalPlan, meter: Meter | None, stream: TextIO) -> None:
-    """Add the plan's signals to each pending item's recorded result, one line per item."""
+                  plan: SignalPlan, meter: Meter | None, stream: TextIO,
+                  pause_file: Path | None = None) -> None:
+    """Add the plan's signals to each pending item's recorded result, one line per item (no
+    new item is started while `pause_file` exists)."""
     rows = read_rows(writer.path)
     todo = pending(items, rows, tier, plan)
     if not todo:
@@ -84,6 +88,8 @@ async def collect(backend: Backend, tier: str, items: Sequence[Item], writer: Ou
         return
     print(f"{tier}: collecting {', '.join(plan.signals)} for {len(todo)} prompts", file=stream)
     for done, item in enumerate(todo, 1):
+        await wait_while_paused(pause_file, lambda line: print(f"{tier}: {line}", file=stream,
+                                                               flush=True))
         prompt = render(item)
         result = dict(rows[item.id]["models"][tier])
         if AGREEMENT in plan.signals and not _has(result, "samples"):
