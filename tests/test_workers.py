@@ -21,6 +21,7 @@ import orjson
 import pytest
 from conftest import GREENROUTE, REPO
 from prometheus_client.mmap_dict import MmapedDict
+from waiting import wait_until
 
 from greenroute.backends.fake_openai import free_port
 from greenroute.gateway.config import GatewayConfig
@@ -106,6 +107,7 @@ def test_two_workers_one_ledger_row_per_request_and_metrics_count_them_all(
         tmp_path: Path, upstream: str) -> None:
     db = tmp_path / "ledger.db"
     config = _config(tmp_path, upstream, db)
+    config.write_text(config.read_text().replace('log_level = "warning"', 'log_level = "info"'))
     port = int(re.search(r"port = (\d+)", config.read_text()).group(1))  # type: ignore[union-attr]
     log = tmp_path / "gateway.log"
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
@@ -115,6 +117,9 @@ def test_two_workers_one_ledger_row_per_request_and_metrics_count_them_all(
     root = f"http://127.0.0.1:{port}"
     try:
         _wait_for(root + "/v1/models", gateway)
+        # Both workers accepting before the load opens its keep-alive connections: the first
+        # worker up answers /v1/models alone, and on a busy machine it took all 64 of them.
+        wait_until(lambda: "2 workers serving" in log.read_text(), timeout=60)
         started = time.monotonic()
         statuses = asyncio.run(_load(root, REQUESTS))
         elapsed = time.monotonic() - started
