@@ -148,17 +148,3 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path,
 @pytest.fixture(scope="session")
 def client(gateway: Gateway) -> openai.OpenAI:
     return openai.OpenAI(base_url=gateway.url, api_key="not-needed", max_retries=0, timeout=60)
-
-
-# The files that take longest (tens of seconds each, mostly real processes; measured with
-# `--durations=0`), started first so that `pytest -n 3` keeps every worker busy to the end
-# instead of leaving one of them to run a long file last. Order only: nothing is skipped.
-LONGEST_FIRST = ("test_spool.py", "test_chaos.py", "test_plan_choice.py", "test_encoders.py",
-                 "test_workers.py", "test_collect.py", "test_keys.py", "test_schemathesis.py",
-                 "test_routers.py", "test_energy_e2e.py", "test_eval_cli.py", "test_ledger.py",
-                 "test_embedded.py", "test_default_green.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept

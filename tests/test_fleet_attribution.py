@@ -21,9 +21,6 @@ from fake_dcgm import FakeDcgm
 
 from greenroute.backends.fake_openai import FakeUpstream
 
-# Shares of energy measured with tight bounds: alone on the machine (pyproject.toml).
-pytestmark = pytest.mark.solo
-
 LOAD_S = 3.0
 
 

@@ -12,9 +12,6 @@ import httpx
 import pytest
 from conftest import start_gateway, stop_gateway
 
-# Shares of energy measured with tight bounds: alone on the machine (pyproject.toml).
-pytestmark = pytest.mark.solo
-
 TIERS = ('[[tiers]]\nname = "tiny"\nbackend = "llamacpp"\nweights = "tiny"\ncontext = 512\n'
          'threads = 1\nenergy_hint = 1.0\n\n'
          '[[tiers]]\nname = "small"\nbackend = "llamacpp"\nweights = "small"\ncontext = 512\n'
