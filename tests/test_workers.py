@@ -213,6 +213,11 @@ def test_a_worker_that_dies_is_replaced(tmp_path: Path, upstream: str) -> None:
         for _ in range(20):  # both workers answer
             assert httpx.post(root + "/v1/completions", timeout=10, json={
                 "model": "fake", "prompt": "hi"}).status_code == 200
+        # Each worker listens with SO_REUSEPORT: a second server on the port must still be
+        # refused, not quietly given half of the traffic.
+        second = subprocess.run([GREENROUTE, "serve", "--config", str(config), "--workers",
+                                 "2"], capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert second.returncode == 1 and "cannot listen on" in second.stderr, second.stderr
     finally:
         gateway.send_signal(signal.SIGTERM)
         gateway.wait(timeout=60)
