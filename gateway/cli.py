@@ -174,10 +174,6 @@ def _serve(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             print(f"greenroute serve: {exc}", file=sys.stderr)
             return 2
-        except OSError as exc:  # the port is taken (another server, or another `serve`)
-            print(f"greenroute serve: cannot listen on {server.host}:{server.port}: "
-                  f"{exc.strerror or exc}", file=sys.stderr)
-            return 1
     try:
         app = create_app(config)
     except MeterError as exc:

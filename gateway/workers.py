@@ -1,15 +1,10 @@
-"""`greenroute serve --workers N`: N gateway processes on one port.
+"""`greenroute serve --workers N`: N gateway processes behind one listening socket.
 
-A supervisor starts N spawned processes, each running the gateway's own server class (its
-shutdown starts the drain, gateway/draining.py; `uvicorn.run(workers=N)` would build a plain
-`uvicorn.Server` in each). Where the system has `SO_REUSEPORT` (Linux), each worker listens on
-its own socket bound to the port, and the kernel spreads new connections across them by their
-addresses. One socket shared by every worker (uvicorn's model, kept where `SO_REUSEPORT` is
-missing) hands each connection to whichever worker wakes first: under load with keep-alive
-clients, one worker took all 64 connections of a test's 2,000 requests. The supervisor binds
-the port first, without listening, so a taken port fails before any worker starts; a worker
-that dies loses the connections still queued on its socket (clients see a reset and retry).
-The supervisor:
+The process model is uvicorn's (a supervisor binds the socket once and starts N spawned
+processes that each accept on it), written out here rather than taken from
+`uvicorn.run(workers=N)` because each worker must run the gateway's own server class: its
+shutdown starts the drain (gateway/draining.py), and uvicorn's supervisor would build a plain
+`uvicorn.Server` in each worker instead. The supervisor:
 
 - checks that every tier's energy is right per process (`shared_device_tiers`), migrates the
   ledger once (so N workers do not race to create it), and points prometheus_client's
@@ -139,9 +134,9 @@ def serve(config: GatewayConfig, workers: int) -> int:
             engine.dispose()
     metrics_dir, made = _metrics_dir()
     os.environ[MULTIPROC_ENV] = str(metrics_dir)  # inherited by the spawned workers
-    multiprocessing.allow_connection_pickling()  # a shared socket goes to each worker
-    listener = _reserve_port(config.server) if REUSE_PORT else uvicorn.Config(
-        _unused_app, host=config.server.host, port=config.server.port).bind_socket()
+    multiprocessing.allow_connection_pickling()  # the listening socket goes to each worker
+    listener = uvicorn.Config(_unused_app, host=config.server.host,
+                              port=config.server.port).bind_socket()
     stopping: list[int] = []
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -225,35 +220,8 @@ class _Supervisor:
             _mark_dead(worker.process.pid)
 
 
-REUSE_PORT = hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")
-
-
-def _reserve_port(server: ServerConfig) -> socket.socket:
-    """The port, bound with SO_REUSEPORT but not listening: it receives no connections itself
-    (only listening sockets do). A plain bind first, so that a port another server holds, even
-    one listening with SO_REUSEPORT (a second `serve` on the same port), fails here instead of
-    silently sharing its traffic."""
-    _bound(server, reuse_port=False).close()
-    return _bound(server)
-
-
-def _bound(server: ServerConfig, reuse_port: bool = True) -> socket.socket:
-    family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((server.host, server.port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 def run_worker(config: GatewayConfig, listener: socket.socket, ready: Event) -> None:
-    """One worker process: the gateway app on its own socket (SO_REUSEPORT) or on the shared
-    one, until SIGTERM."""
+    """One worker process: the gateway app on the shared socket, until SIGTERM."""
     from greenroute.backends.energy.meter import MeterError
     from greenroute.gateway import logs
     from greenroute.gateway.app import create_app
@@ -269,10 +237,6 @@ def run_worker(config: GatewayConfig, listener: socket.socket, ready: Event) -> 
     gateway = app.state.gateway
     server = DrainingServer(uvicorn_config(app, config.server), gateway.drain,
                             config.server.shutdown_grace_s, ready)
-    if REUSE_PORT:  # the supervisor's socket only holds the port: listen on one of its own
-        listener.close()
-        listener = _bound(config.server)
-        listener.listen(2048)  # uvicorn's default backlog
     server.run(sockets=[listener])
     if gateway.metrics_registry.shared is not None:
         gateway.metrics_registry.shared.close()  # this worker's final counts stay in the files
