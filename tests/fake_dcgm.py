@@ -2,7 +2,8 @@
 
 `power()` (watts, any callable: e.g. a base draw plus some per running request of a fake vLLM)
 is integrated every millisecond or so on a thread; `/metrics` serves the total in millijoules as
-`DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{gpu="0",...}`, the exporter's name, unit and labels.
+`DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{gpu="0",...}`, the exporter's name, unit and labels,
+`delay_s` after reading it (a real exporter on a busy node takes tens of milliseconds).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from greenroute.backends.energy.prometheus import CONTENT_TYPE, DCGM_ENERGY, ren
 
 
 class FakeDcgm:
-    def __init__(self, power: Callable[[], float], step_s: float = 0.001) -> None:
+    def __init__(self, power: Callable[[], float], step_s: float = 0.001,
+                 delay_s: float = 0.0) -> None:
         self.power = power
         self.step_s = step_s
+        self.delay_s = delay_s  # between reading the counter and answering: a slow scrape
         self.joules = 0.0
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -28,6 +31,8 @@ class FakeDcgm:
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 with fake._lock:
                     millijoules = round(fake.joules * 1000)
+                if fake.delay_s:
+                    time.sleep(fake.delay_s)
                 body = render(DCGM_ENERGY, "Total energy consumption since boot (in mJ).",
                               "counter", [({"gpu": "0", "UUID": "GPU-fake", "Hostname": "h"},
                                            millijoules)]).encode()

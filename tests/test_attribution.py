@@ -178,6 +178,38 @@ def test_a_meter_that_fails_loses_no_energy() -> None:
     assert track.joules + dev.idle_j == pytest.approx(3.0)
 
 
+def test_tokens_reported_during_a_slow_read_count_in_the_next_interval() -> None:
+    """A scrape takes time; a request that starts and reports tokens meanwhile belongs to the
+    interval after the cut, where its tokens weigh against the others'."""
+    dev, meter, clock, _ = device(cheap=False)
+    first, second = dev.track("first"), dev.track("second")
+    first.begin()
+    read = meter.read_joules
+
+    def slow_read() -> float:  # the request arrives and is served while the scrape is out
+        value = read()
+        if clock.t == 1.0:
+            clock.t = 1.02
+            second.begin()
+            clock.t = 1.05
+            second.tokens(10)
+        return value
+
+    meter.read_joules = slow_read  # type: ignore[method-assign]
+    meter.bursts.append((1.0, 3.0))
+    clock.t = 1.0
+    first.tokens(10)
+    dev.sample()  # cuts [0, 1]: first alone
+    meter.bursts.append((2.0, 4.0))
+    clock.t = 2.0
+    first.tokens(10)
+    second.end()
+    first.end()
+    dev.sample()  # [1, 2]: ten tokens each
+    assert first.joules == pytest.approx(3.0 + 2.0)
+    assert second.joules == pytest.approx(2.0)
+
+
 # -- the property: conservation, and nothing outside a request's lifetime -------------------
 
 @st.composite

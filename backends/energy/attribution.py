@@ -3,7 +3,8 @@
 A `Device` owns one meter (one device group: some GPUs, a CPU package, this process). Its
 counter is read by a sampler every ~100 ms and, when the meter is cheap to read, also at every
 request's start and end, so that request boundaries fall on interval boundaries. Each reading
-closes an interval [t0, t1] with the energy E the counter gained.
+closes an interval [t0, t1] with the energy E the counter gained (a slow meter's interval is
+cut at t1 before the scrape, so tokens reported during it count in the next one).
 
 A `Track` is one request's use of one device. It is *active* from `begin()` to `end()` (a
 request waiting in a queue is not), and it reports progress with `tokens(n, at)`: n tokens
@@ -228,15 +229,32 @@ class Device:
                     self._close(self._clock(), self.meter.read_joules())
                     finals = self._settle()
             else:  # slow (HTTP): read outside the lock; nothing else reads this meter
-                t = self._clock()
-                reading = self.meter.read_joules()
-                server = self._read_servers()
+                self._sample_slowly()
                 with self._lock:
-                    self._close(t, reading, server)
                     finals = self._settle()
         except MeterError as exc:
             self._read_failed(exc)
         self._notify(finals)
+
+    def _sample_slowly(self) -> None:
+        """Cut the open interval now, then read the servers and the meter for it.
+
+        The cut comes first, under the lock: tokens reported during the scrapes (tens of
+        milliseconds on a busy host) belong to the next interval, not to the one the readings
+        close. Reading first and closing after let them land in the closed interval, where
+        the tracks that reported them, begun after its end, have no share: their energy went
+        to the other clients. On a failed read the cut is undone."""
+        with self._lock:
+            interval = self._cut(self._clock())
+        try:
+            server = self._read_servers()
+            reading = self.meter.read_joules()
+        except MeterError:
+            with self._lock:
+                self._uncut(interval)
+            raise
+        with self._lock:
+            self._fill(interval, reading, server)
 
     def close(self) -> None:
         """Final reading; end what is still active and settle everything (shutdown)."""
@@ -302,13 +320,32 @@ class Device:
 
     def _close(self, t: float, reading: float,
                server: dict[str, ServerCount] | None = None) -> None:
-        t = max(t, self._open_t0)
+        self._fill(self._cut(t), reading, server)
+
+    def _cut(self, t: float) -> Interval:
+        """End the open interval's tokens at t; its energy follows from `_fill`."""
+        interval = Interval(self._open_t0, max(t, self._open_t0), 0.0, self._open_counter,
+                            self._open_weights, priced=False)
+        self._pending.append(interval)
+        self._open_t0, self._open_weights = interval.t1, {}
+        return interval
+
+    def _uncut(self, interval: Interval) -> None:
+        """A cut whose readings failed: its tokens rejoin the open interval."""
+        self._pending.remove(interval)
+        for track, (prompt, generated) in self._open_weights.items():
+            _add(interval.weights, track, (prompt, generated), 1.0)
+        self._open_t0, self._open_weights = interval.t0, interval.weights
+
+    def _fill(self, interval: Interval, reading: float,
+              server: dict[str, ServerCount] | None) -> None:
+        """The meter's reading (and the servers' counts) that close a cut interval."""
         joules = reading - self._open_counter
         if joules < 0:
             log.error("energy meter %s went backwards by %.3f J; counting 0", self.name, -joules)
             joules = 0.0
             self._change_counter = reading
-        interval = Interval(self._open_t0, t, joules, reading, self._open_weights)
+        interval.joules, interval.counter1, interval.priced = joules, reading, True
         if server is not None and self._open_server is not None:
             interval.server = {
                 tier: (max(now.prompt - server_before.prompt, 0.0),
@@ -321,8 +358,7 @@ class Device:
             self._open_server = server
         if self.update_s > 0:
             self._price(interval, reading)
-        self._pending.append(interval)
-        self._open_t0, self._open_counter, self._open_weights = t, reading, {}
+        self._open_counter = reading
 
     def _price(self, interval: Interval, reading: float) -> None:
         """A slow counter: spread each step over the time since the previous step (power taken
