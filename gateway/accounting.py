@@ -10,6 +10,8 @@ sampler decides, so nothing here waits for a database or a tick.
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -354,9 +356,16 @@ class StreamAccounting:
         self.record._finish(status, code)
 
 
-def period_row(period: PeriodEnergy) -> dict[str, Any]:
-    """A device_energy row from a device's settled period."""
-    return {"device": period.device, "source": period.source,
+def reader_identity() -> tuple[str, str]:
+    """(host, reader) that this process's device_energy rows carry: the host's name, and one
+    unique over the processes sharing a ledger (host, pid, start time)."""
+    host = socket.gethostname()
+    return host, f"{host}/{os.getpid()}/{time.time():.3f}"
+
+
+def period_row(period: PeriodEnergy, host: str = "", reader: str = "") -> dict[str, Any]:
+    """A device_energy row from a device's settled period, read by `reader` on `host`."""
+    return {"device": period.device, "source": period.source, "host": host, "reader": reader,
             "started": datetime.fromtimestamp(period.started, UTC),
             "ended": datetime.fromtimestamp(period.ended, UTC),
             "counter_start_j": period.counter_start_j, "counter_end_j": period.counter_end_j,

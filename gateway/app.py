@@ -29,7 +29,12 @@ from greenroute.backends.energy.attribution import PeriodEnergy
 from greenroute.backends.energy.sampler import Fleet
 from greenroute.backends.registry import build_backend
 from greenroute.gateway import headers as h
-from greenroute.gateway.accounting import CLIENT_CLOSED_REQUEST, Accounting, period_row
+from greenroute.gateway.accounting import (
+    CLIENT_CLOSED_REQUEST,
+    Accounting,
+    period_row,
+    reader_identity,
+)
 from greenroute.gateway.carbon import CarbonAwareTarget, GridIntensity
 from greenroute.gateway.cards import ModelCards
 from greenroute.gateway.config import RESERVED_MODEL, ConfigError, GatewayConfig
@@ -274,8 +279,10 @@ def create_app(config: GatewayConfig, backends: Mapping[str, Backend] | None = N
                               spool=ledger.spool)
     on_period = None
     if writer is not None:
+        host, reader = reader_identity()
+
         def on_period(period: PeriodEnergy) -> None:
-            writer.put("device_energy", period_row(period))
+            writer.put("device_energy", period_row(period, host, reader))
     fleet = Fleet(config.tiers, interval_s=config.energy.interval_ms / 1000,
                   period_s=config.energy.period_s, on_period=on_period)
     router = load_router(config)

@@ -37,6 +37,7 @@ from greenroute.gateway.config import (
     GatewayConfig,
     load_config,
 )
+from greenroute.gateway.device_totals import count_devices
 from greenroute.gateway.ledger import store
 from greenroute.gateway.ledger.schema import AttemptRow, DeviceEnergyRow, RequestRow
 
@@ -244,24 +245,21 @@ def build_report(ledger: Ledger, engine: Engine, *, grid: float, dimensions: Seq
     (request rows carry their own gCO2); without it, `grid` prices it."""
     series = series or GridIntensity.constant(grid)
     totals = summarize(ledger.requests, grid)
-    measured = sum(d.measured_j for d in ledger.devices)
-    attributed = sum(d.attributed_j for d in ledger.devices)
-    idle = sum(d.idle_j for d in ledger.devices)
-    idle_gco2 = sum(series.gco2(d.idle_j, d.started) for d in ledger.devices)
-    other = sum(d.other_j for d in ledger.devices)  # the servers' other clients
+    counted = count_devices(ledger.devices)  # a counter read by several processes once
+    measured = sum(d.measured_j for d in counted)
+    attributed = sum(d.attributed_j for d in counted)
+    idle = sum(d.idle_j for d in counted)
+    idle_gco2 = sum(series.gco2(row.idle_j * share, row.started)
+                    for d in counted for row, share in d.counted)
+    other = sum(d.other_j for d in counted)  # the servers' other clients
     own = measured - other
     totals.update(device_measured_joules=measured, device_attributed_joules=attributed,
                   idle_joules=idle, idle_gco2=idle_gco2, other_clients_joules=other,
                   efficiency_ratio=attributed / own if own > 0 else None)
-    devices: dict[tuple[str, str], dict[str, Any]] = {}
-    for d in ledger.devices:
-        entry = devices.setdefault((d.device, d.source), {
-            "device": d.device, "source": d.source, "measured_joules": 0.0,
-            "attributed_joules": 0.0, "idle_joules": 0.0, "other_clients_joules": 0.0})
-        entry["measured_joules"] += d.measured_j
-        entry["attributed_joules"] += d.attributed_j
-        entry["idle_joules"] += d.idle_j
-        entry["other_clients_joules"] += d.other_j
+    devices = [{"device": d.device, "source": d.source, "host": d.host or None,
+                "readers": len(d.readers), "measured_joules": d.measured_j,
+                "attributed_joules": d.attributed_j, "idle_joules": d.idle_j,
+                "other_clients_joules": d.other_j} for d in counted]
     return {
         "database": database,
         "window": {"from": start.isoformat() if start else None,
@@ -270,7 +268,7 @@ def build_report(ledger: Ledger, engine: Engine, *, grid: float, dimensions: Seq
         "grid_intensity": series.source,
         "totals": totals,
         "breakdowns": {d: breakdown(ledger.requests, d, grid) for d in dimensions},
-        "devices": list(devices.values()),
+        "devices": devices,
         "savings": savings(ledger, largest, largest_how, engine),
     }
 

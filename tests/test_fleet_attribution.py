@@ -63,14 +63,14 @@ def _ledger(db: Path) -> dict[str, float]:
             "tokens": tokens, "request_joules": joules, "rows": rows}
 
 
-def _run(tmp: Path, server_metrics: str) -> dict[str, Any]:
+def _run(tmp: Path, server_metrics: str, one_ledger: bool = False) -> dict[str, Any]:
     with FakeUpstream() as upstream:
         record = upstream.record
         with FakeDcgm(lambda: 50.0 + 20.0 * record.running, delay_s=SCRAPE_S) as exporter:
             config = _tier(upstream.url, exporter.url, server_metrics)
             gateways = []
             for name in ("a", "b"):
-                db = tmp / f"{name}-{server_metrics}.db"
+                db = tmp / ("shared.db" if one_ledger else f"{name}-{server_metrics}.db")
                 gateways.append((db, start_gateway(
                     f'[ledger]\npath = "{db}"\n\n[energy]\ninterval_ms = 50\nperiod_s = 1\n\n'
                     f'{config}', tmp, name=f"{name}-{server_metrics}")))
@@ -91,6 +91,8 @@ def _run(tmp: Path, server_metrics: str) -> dict[str, Any]:
                 for _, gateway in gateways:
                     stop_gateway(gateway)
             server_tokens = record.prompt_tokens + record.generation_tokens - start_tokens
+            if one_ledger:
+                return {"db": gateways[0][0]}
             ledgers = [_ledger(db) for db, _ in gateways]
             return {"ledgers": ledgers, "load_j": exporter.joules - start_j,
                     "server_tokens": server_tokens, "dbs": [db for db, _ in gateways]}
@@ -99,7 +101,8 @@ def _run(tmp: Path, server_metrics: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict[str, Any]]]:
     tmp = tmp_path_factory.mktemp("fleet")
-    yield {"auto": _run(tmp, "auto"), "off": _run(tmp, "off")}
+    yield {"auto": _run(tmp, "auto"), "off": _run(tmp, "off"),
+           "one ledger": _run(tmp, "auto", one_ledger=True)}
 
 
 def test_the_fleet_attributes_the_measured_energy_once(runs: dict[str, Any]) -> None:
@@ -159,3 +162,33 @@ def test_the_report_shows_the_other_clients_energy(runs: dict[str, Any]) -> None
     table = subprocess.run([GREENROUTE, "report", "--db", str(db)], capture_output=True,
                            text=True, check=True).stdout
     assert "other clients" in table
+
+
+def test_a_ledger_both_processes_write_counts_the_device_once(runs: dict[str, Any]) -> None:
+    """Both write their device periods into one ledger; the report takes the counter's energy
+    once over the union of their time, and adds up their requests' (gateway/device_totals)."""
+    db = runs["one ledger"]["db"]
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as connection:
+        readers = connection.execute(
+            "SELECT reader, host, sum(measured_j), sum(attributed_j), sum(idle_j) "
+            "FROM device_energy GROUP BY reader").fetchall()
+        request_joules = connection.execute("SELECT sum(joules) FROM requests").fetchone()[0]
+    assert len(readers) == 2 and all(host for _, host, *_ in readers)
+    measured = [m for _, _, m, _, _ in readers]
+    out = subprocess.run([GREENROUTE, "report", "--db", str(db), "--format", "json"],
+                         capture_output=True, text=True, check=True).stdout
+    report = json.loads(out)
+    totals, (device,) = report["totals"], report["devices"]
+    print(f"\nper reader measured {measured[0]:.1f} J, {measured[1]:.1f} J; the report: "
+          f"{totals['device_measured_joules']:.1f} J measured, "
+          f"{totals['device_attributed_joules']:.1f} J attributed, "
+          f"{totals['idle_joules']:.1f} J idle, {totals['other_clients_joules']:.1f} J other")
+    assert device["readers"] == 2
+    # the union of two spans that overlap but for the processes' start-up and shutdown: at
+    # least the longer one, far from both added up (which the report gave before)
+    assert max(measured) <= totals["device_measured_joules"] <= 0.6 * sum(measured)
+    assert totals["device_attributed_joules"] == pytest.approx(request_joules, rel=1e-6)
+    assert totals["device_attributed_joules"] == pytest.approx(
+        sum(a for _, _, _, a, _ in readers), rel=1e-9)
+    # the fleet was the server's only client: almost nothing is left for others
+    assert totals["other_clients_joules"] < 0.03 * totals["device_measured_joules"]

@@ -36,7 +36,7 @@ ALLOWED: dict[str, frozenset[str]] = {
 
 
 # greenroute.gateway modules of the admin commands
-ADMIN = ("report", "labels", "agent", "keys_command")
+ADMIN = ("report", "device_totals", "labels", "agent", "keys_command")
 # greenroute.gateway modules of the config layer: the config, and the grid-intensity series its
 # [energy] grid_intensity file holds (read by the app and by `report`)
 CONFIG = ("config", "carbon")

@@ -83,6 +83,10 @@ class DeviceEnergyRow(SQLModel, table=True):
     idle_j: float
     intervals: int
     other_j: float = Field(default=0.0, sa_column_kwargs={"server_default": "0"})
+    # who read the counter: several processes that share a ledger each write their own rows
+    # for a device they all see, and the report counts its energy once (gateway/device_totals)
+    host: str = Field(default="", max_length=255, sa_column_kwargs={"server_default": ""})
+    reader: str = Field(default="", max_length=255, sa_column_kwargs={"server_default": ""})
 
 
 class ApiKeyRow(SQLModel, table=True):

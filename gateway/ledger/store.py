@@ -56,8 +56,17 @@ def _add_other_clients(connection: Connection) -> None:
         "ALTER TABLE device_energy ADD COLUMN other_j FLOAT NOT NULL DEFAULT 0"))
 
 
+def _add_readers(connection: Connection) -> None:
+    """5 -> 6: `device_energy.host` and `.reader`, the process that read the counter, so a
+    ledger shared by several readers of one device counts its energy once; '' for rows from
+    before, which count as one reader."""
+    for column in ("host", "reader"):
+        connection.execute(text(
+            f"ALTER TABLE device_energy ADD COLUMN {column} VARCHAR(255) NOT NULL DEFAULT ''"))
+
+
 MIGRATIONS: list[Migration] = [_add_router_score, _add_keys_and_usage, _add_carbon_columns,
-                               _add_other_clients]
+                               _add_other_clients, _add_readers]
 BASE_VERSION = 1  # the schema the first release created (tests/test_ledger.py keeps its DDL)
 MIGRATION_LOCK = 0x6772_6e72  # Postgres advisory lock key held while migrating ("grnr")
 
