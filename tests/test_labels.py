@@ -13,16 +13,14 @@ import json
 import math
 import sqlite3
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 from conftest import GREENROUTE, REPO, start_gateway, stop_gateway
+from fake_dcgm import FakeDcgm
 
 from greenroute.backends.fake_openai import FakeUpstream
 from greenroute.gateway.cli import main
@@ -31,36 +29,6 @@ from greenroute.gateway.ledger.schema import AttemptRow
 
 WATTS = 300.0
 SENT = {"small": 12, "large": 8, "dark": 4}
-
-
-class Exporter:
-    """DCGM exporter's energy series for one GPU drawing WATTS since the exporter started."""
-
-    def __init__(self) -> None:
-        started = time.monotonic()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                millijoules = (time.monotonic() - started) * WATTS * 1000
-                body = ('# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION counter\n'
-                        f'DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{{gpu="0",UUID="GPU-a"}} '
-                        f'{millijoules:.0f}\n').encode()
-                self.send_response(200)
-                self.send_header("content-type", "text/plain; version=0.0.4")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/metrics"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def _outcomes(path: Path) -> Path:
@@ -83,31 +51,27 @@ def _outcomes(path: Path) -> Path:
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("labels")
     db = tmp / "ledger.db"
-    exporter = Exporter()
-    try:
-        with FakeUpstream() as upstream:
-            tiers = {"small": 'meter = { kind = "estimate" }',
-                     "large": f'meter = {{ kind = "prometheus", url = "{exporter.url}" }}',
-                     "dark": ""}
-            config = (f'[ledger]\npath = "{db}"\nflush_interval_s = 0.1\n\n'
-                      '[energy]\ninterval_ms = 20\nperiod_s = 0.5\n\n'
-                      + "".join(f'[[tiers]]\nname = "{name}"\nbackend = "openai"\n'
-                                f'url = "{upstream.url}"\nmodel = "echo"\n{meter}\n\n'
-                                for name, meter in tiers.items()))
-            gateway = start_gateway(config, tmp)
-            try:
-                client = openai.OpenAI(base_url=gateway.url, api_key="x", max_retries=0,
-                                       timeout=30)
-                for tier, count in SENT.items():
-                    for index in range(count):
-                        words = " ".join(["word"] * (3 + index % 5))
-                        client.chat.completions.create(
-                            model=tier, messages=[{"role": "user", "content": words}],
-                            max_tokens=16)
-            finally:
-                stop_gateway(gateway)
-    finally:
-        exporter.close()
+    with FakeDcgm(lambda: WATTS) as exporter, FakeUpstream() as upstream:
+        tiers = {"small": 'meter = { kind = "estimate" }',
+                 "large": f'meter = {{ kind = "prometheus", url = "{exporter.url}" }}',
+                 "dark": ""}
+        config = (f'[ledger]\npath = "{db}"\nflush_interval_s = 0.1\n\n'
+                  '[energy]\ninterval_ms = 20\nperiod_s = 0.5\n\n'
+                  + "".join(f'[[tiers]]\nname = "{name}"\nbackend = "openai"\n'
+                            f'url = "{upstream.url}"\nmodel = "echo"\n{meter}\n\n'
+                            for name, meter in tiers.items()))
+        gateway = start_gateway(config, tmp)
+        try:
+            client = openai.OpenAI(base_url=gateway.url, api_key="x", max_retries=0,
+                                   timeout=30)
+            for tier, count in SENT.items():
+                for index in range(count):
+                    words = " ".join(["word"] * (3 + index % 5))
+                    client.chat.completions.create(
+                        model=tier, messages=[{"role": "user", "content": words}],
+                        max_tokens=16)
+        finally:
+            stop_gateway(gateway)
     yield {"db": db, "tmp": tmp, "outcomes": _outcomes(tmp / "outcomes.jsonl")}
 
 

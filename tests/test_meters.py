@@ -8,11 +8,11 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pynvml
 import pytest
+from fake_dcgm import TextEndpoint
 
 from greenroute.backends.energy.meter import MeterError
 from greenroute.backends.energy.nvml import NvmlMeter
@@ -182,41 +182,25 @@ DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{gpu="2",UUID="GPU-c",device="nvidia2",model
 
 
 class Exporter:
-    """A loopback HTTP server whose /metrics serves DCGM_TEXT with the current counters."""
+    """A loopback /metrics serving DCGM_TEXT with the current counters."""
 
     def __init__(self) -> None:
         self.energy = {"e0": 1_000_000, "e1": 2_000_000, "e2": 4_000_000}
-        exporter = self
+        self.endpoint = TextEndpoint(self.text)
+        self.url = self.endpoint.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                text = DCGM_TEXT
-                for key, value in exporter.energy.items():
-                    text = text.replace("{" + key + "}", str(value))
-                body = text.encode()
-                self.send_response(200)
-                self.send_header("content-type", "text/plain; version=0.0.4")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/metrics"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def text(self) -> str:
+        text = DCGM_TEXT
+        for key, value in self.energy.items():
+            text = text.replace("{" + key + "}", str(value))
+        return text
 
 
 @pytest.fixture
 def exporter() -> Iterator[Exporter]:
     served = Exporter()
-    yield served
-    served.close()
+    with served.endpoint:
+        yield served
 
 
 def test_prometheus_sums_the_selected_gpus_in_joules(exporter: Exporter) -> None:
@@ -241,7 +225,7 @@ def test_prometheus_failures_are_meter_errors(exporter: Exporter) -> None:
                                          "gpu 7"):
         PrometheusMeter(exporter.url, gpus=[0, 7])
     meter = PrometheusMeter(exporter.url)  # every GPU
-    exporter.close()
+    exporter.endpoint.close()
     with pytest.raises(MeterError, match="scraping"):
         meter.read_joules()
 
