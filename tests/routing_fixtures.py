@@ -78,3 +78,12 @@ def handmade_artifact(directory: Path, steps: list[tuple[str, float, float | Non
         thresholds={t: None if b is None else candidate(b) for t, b in thresholds.items()})
     return artifact.save(directory / "router", policy, encoder,
                          {"kind": "logistic", "default_target": 0.95})
+
+
+def three_tier_artifact(directory: Path) -> Path:
+    """small -> mid -> large, as the in-process app tests serve it: small's router says 0.6 and
+    its stage's confidence 0.5, mid's router 0.1 (no stage); each target's threshold known."""
+    return handmade_artifact(directory, steps=[("small", 0.6, 0.5), ("mid", 0.1, None)],
+                             largest="large", energy=[1.0, 2.0, 5.0],
+                             thresholds={0.2: 0.05, 0.5: 0.3, 0.9: 0.7, 1.0: None},
+                             never_keep=(0.05,))

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 import pytest
 from fake_backends import FakeBackend, Reply, gateway_config, ledger, openai_client, serve, tier
-from routing_fixtures import handmade_artifact
+from routing_fixtures import three_tier_artifact
 from starlette.testclient import TestClient
 
 from greenroute.backends.base import BackendUnavailable, BadGateway, InvalidRequest
@@ -33,11 +33,7 @@ LARGE_TEXT = "large knows it is Paris"
 
 @pytest.fixture(scope="module")
 def router(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return handmade_artifact(tmp_path_factory.mktemp("router"),
-                             steps=[("small", 0.6, 0.5), ("mid", 0.1, None)], largest="large",
-                             energy=[1.0, 2.0, 5.0],
-                             thresholds={0.2: 0.05, 0.5: 0.3, 0.9: 0.7, 1.0: None},
-                             never_keep=(0.05,))
+    return three_tier_artifact(tmp_path_factory.mktemp("router"))
 
 
 class Tiers:

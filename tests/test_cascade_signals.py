@@ -43,11 +43,17 @@ SLOPE, OFFSET = 10.0, -5.0  # confidence = sigmoid(10 x agreement - 5): 3/5 -> 0
 def agreement_artifact(directory: Path) -> Path:
     """small -> large; small is always tried (router score 0.6, keep rate 0.9) and its answer is
     kept at target 0.9 (threshold 0.5) when at least 3 of the 5 samples agree."""
+    return signal_artifact(directory, {AGREEMENT: SLOPE}, OFFSET)
+
+
+def signal_artifact(directory: Path, slopes: dict[str, float], offset: float) -> Path:
+    """small -> large, small always tried and kept at target 0.9 when its confidence,
+    sigmoid(sum of slope x signal + offset) over the given signals, is at least 0.5."""
     encoder = static_encoder(directory / "encoder-source")
-    confidence = ConfidenceModel(inputs=(*FEATURES, AGREEMENT))
-    confidence.w = np.zeros(len(FEATURES) + 2)
-    confidence.w[len(FEATURES)] = SLOPE
-    confidence.b = OFFSET
+    confidence = ConfidenceModel(inputs=(*FEATURES, *slopes))
+    confidence.w = np.zeros(len(FEATURES) + len(slopes) + 1)  # the last: the router's score
+    confidence.w[len(FEATURES):len(FEATURES) + len(slopes)] = list(slopes.values())
+    confidence.b = offset
     step = Step(tier="small", router=constant_router(0.6, encoder.dim), confidence=confidence,
                 keep_edges=np.array([0.0]), keep_rates=np.full((len(CANDIDATES), 1), 0.9))
     policy = RoutingPolicy(tiers=["small", "large"], steps=[step],
@@ -176,17 +182,7 @@ class SamplingBackend(FakeBackend):
 def both_signals_artifact(directory: Path) -> Path:
     """confidence = sigmoid(10 agreement + 4 self-check - 9), kept at 0.5: 3 of 5 samples
     agreeing are kept when the model vouches for the answer (P(yes) 0.9), not when it does not."""
-    encoder = static_encoder(directory / "encoder-source")
-    confidence = ConfidenceModel(inputs=(*FEATURES, AGREEMENT, SELF_CHECK))
-    confidence.w = np.zeros(len(FEATURES) + 3)
-    confidence.w[len(FEATURES):len(FEATURES) + 2] = [10.0, 4.0]
-    confidence.b = -9.0
-    step = Step(tier="small", router=constant_router(0.6, encoder.dim), confidence=confidence,
-                keep_edges=np.array([0.0]), keep_rates=np.full((len(CANDIDATES), 1), 0.9))
-    policy = RoutingPolicy(tiers=["small", "large"], steps=[step],
-                           energy=np.array([1.0, 5.0]), thresholds={0.9: candidate(0.5)})
-    return artifact.save(directory / "router", policy, encoder,
-                         {"kind": "logistic", "default_target": 0.9})
+    return signal_artifact(directory, {AGREEMENT: 10.0, SELF_CHECK: 4.0}, -9.0)
 
 
 @pytest.mark.parametrize(("p_yes", "kept"), [(0.9, True), (0.1, False)])

@@ -22,7 +22,7 @@ import pytest
 import schemathesis
 from fake_backends import FakeBackend, build_app, gateway_config, serve, tier
 from hypothesis import HealthCheck, Phase, given, settings
-from routing_fixtures import handmade_artifact
+from routing_fixtures import three_tier_artifact
 from schemathesis.checks import CheckFunction, not_a_server_error
 from schemathesis.core.failures import FailureGroup
 from schemathesis.specs.openapi.checks import (
@@ -82,11 +82,7 @@ def gateway(router: Path, small: FakeBackend | None = None) -> Starlette:
 
 @pytest.fixture(scope="module")
 def router(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return handmade_artifact(tmp_path_factory.mktemp("router"),
-                             steps=[("small", 0.6, 0.5), ("mid", 0.1, None)], largest="large",
-                             energy=[1.0, 2.0, 5.0],
-                             thresholds={0.2: 0.05, 0.5: 0.3, 0.9: 0.7, 1.0: None},
-                             never_keep=(0.05,))
+    return three_tier_artifact(tmp_path_factory.mktemp("router"))
 
 
 @pytest.fixture
