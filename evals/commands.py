@@ -200,6 +200,9 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
     parser.add_argument("--signals", metavar="NAME,...", help="with --targets: cascade "
                         "signals the confidence models read besides logprobs (agreement, "
                         "self_check; collected by greenroute collect --signals)")
+    parser.add_argument("--judge", choices=["answer", "first-token"], default="answer",
+                        help="with --targets: judge cascade stages on their whole answer or "
+                        "on their first token only (greenroute train --judge)")
     parser.add_argument("--no-cascade", action="store_true", help="with --targets: route on "
                                                                   "the prompt only")
     parser.add_argument("--choose-plan", action="store_true",
@@ -248,7 +251,8 @@ def _eval(args: argparse.Namespace) -> int:
             for kind in kinds:
                 config = TrainConfig(kind=kind, targets=targets, seed=args.seed,
                                      delta=args.delta, cascade=not args.no_cascade,
-                                     signals=train_command.parse_signals(args.signals))
+                                     signals=train_command.parse_signals(args.signals),
+                                     first_token=args.judge == "first-token")
                 result, rows = cross_validate_policy(
                     table, tiers, embed, config, folds=args.folds, seed=args.seed,
                     profile=profile, name=f"{kind}+chosen plan" if args.choose_plan else None,

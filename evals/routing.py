@@ -25,6 +25,7 @@ from greenroute.evals.training import (
     tier_data,
 )
 from greenroute.routers.artifact import Router
+from greenroute.routers.features import SIGNALS
 from greenroute.routers.models import Scheme, Target, make
 from greenroute.routers.policy import RoutingPolicy, simulate
 
@@ -83,7 +84,7 @@ def cross_validate_policy(table: OutcomeTable, tiers: Sequence[str], embed: Embe
                           fit: FitPolicy = fit_policy) -> tuple[PolicyResult, list[TargetResult]]:
     """Train the whole policy (`greenroute train`) on k-1 folds; measure it on the k-th: its
     curve over every threshold, and what its calibrated thresholds did at each target."""
-    data = tier_data(table, tiers, profile, config.signals)
+    data = tier_data(table, tiers, profile, config.signals, config.first_token)
     x = embed(table.prompts)
     label = name or f"{config.kind}+{'cascade' if _has_cascade(data, config) else 'router'}"
     result = PolicyResult(label, whole_policy=True)
@@ -121,8 +122,11 @@ def evaluate_artifact(router: Router, table: OutcomeTable, embed: Embed,
                       ) -> tuple[PolicyResult, list[TargetResult]]:
     """A saved artifact on a table (no training: use prompts it was not trained on)."""
     policy = router.policy
-    signals = next((s.confidence.signals for s in policy.steps if s.confidence), ())
+    inputs = next((s.confidence.inputs for s in policy.steps if s.confidence), None)
+    signals = tuple(name for name in SIGNALS if inputs is not None and name in inputs)
     data = tier_data(table, policy.tiers, profile, signals)
+    if inputs is not None:
+        data = data.select(inputs)
     x = embed(table.prompts)
     result = PolicyResult(f"artifact:{router.manifest.get('kind')}", whole_policy=True)
     outcomes = replay(policy, x, data)

@@ -89,6 +89,10 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
     parser.add_argument("--signals", metavar="NAME,...", help="cascade signals the confidence "
                         "models read besides logprobs: agreement, self_check (the table must "
                         "have them: greenroute collect --signals)")
+    parser.add_argument("--judge", choices=["answer", "first-token"], default="answer",
+                        help="what a cascade stage is judged on: its whole answer, or only its "
+                        "first token's logprob and entropy, so that a kept answer streams to "
+                        "the client live (default: answer)")
     parser.add_argument("--no-cascade", action="store_true",
                         help="route on the prompt only, even when the table has logprobs "
                              "(no plan choice, so no delta split)")
@@ -111,10 +115,11 @@ def _train(args: argparse.Namespace) -> int:
                              delta=deltas[0], also_deltas=deltas[1:],
                              targets=parse_targets(args.targets), inner_folds=args.folds,
                              cascade=not args.no_cascade, seed=args.seed,
-                             signals=parse_signals(args.signals))
+                             signals=parse_signals(args.signals),
+                             first_token=args.judge == "first-token")
         profile = parse_profile(args.energy_profile) if args.energy_profile else None
         encoder = build_encoder(args.encoder)
-        data = tier_data(table, tiers, profile, config.signals)
+        data = tier_data(table, tiers, profile, config.signals, config.first_token)
     except (OutcomeError, ValueError, EncoderError) as exc:
         print(f"greenroute train: {exc}", file=sys.stderr)
         return 2
@@ -131,7 +136,8 @@ def _train(args: argparse.Namespace) -> int:
                      "prompts": len(table), "calibration_prompts": calibrated.prompts,
                      "calibration": f"cross-fitted, {config.inner_folds} folds",
                      "energy_source": data.energy_source,
-                     "cascade": [s.confidence is not None for s in policy.steps]},
+                     "cascade": [s.confidence is not None for s in policy.steps],
+                     "judge": args.judge},
         "plan": plan.manifest(),
         "validation": {"metrics": validation, "targets": {
             f"{t:.2f}": {"quality_ratio": c.quality_ratio, "energy_ratio": c.energy_ratio,

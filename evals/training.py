@@ -28,7 +28,7 @@ from greenroute.evals.metrics import Curve
 from greenroute.evals.outcomes import OutcomeTable
 from greenroute.routers import calibration
 from greenroute.routers.confidence import ConfidenceModel
-from greenroute.routers.features import AGREEMENT, FEATURES, SELF_CHECK
+from greenroute.routers.features import AGREEMENT, FEATURES, FIRST_TOKEN, SELF_CHECK
 from greenroute.routers.models import Scheme, Target, make
 from greenroute.routers.policy import CANDIDATES, RoutingPolicy, Step, simulate
 
@@ -48,6 +48,8 @@ class TrainConfig:
     # Cascade signals beyond logprobs that the confidence models read (routers/features.py:
     # SIGNALS); the table must carry them for every tier but the largest (evals/signals.py).
     signals: tuple[str, ...] = ()
+    # Judge a stage on its first token only (FIRST_TOKEN): served, a kept answer streams live.
+    first_token: bool = False
     seed: int = 0
 
 
@@ -71,18 +73,37 @@ class TierData:
                         self.energy_source, self.inputs,
                         None if self.plain is None else self.plain.subset(index))
 
+    def select(self, inputs: tuple[str, ...]) -> TierData:
+        """The same outcomes with the confidence inputs cut to `inputs` (ValueError names one
+        the table lacks). Plain calls stay as they are: no plan reads their features."""
+        if inputs == self.inputs:
+            return self
+        missing = [name for name in inputs if name not in self.inputs]
+        if missing:
+            raise ValueError(f"the table lacks the confidence inputs {', '.join(missing)}")
+        columns = [self.inputs.index(name) for name in inputs]
+        return TierData(self.tiers, self.quality, self.energy,
+                        [None if f is None else f[:, columns] for f in self.features],
+                        self.energy_source, inputs, self.plain)
+
     def for_plan(self, cascade: bool) -> TierData:
         """The outcomes a plan runs into: the signals' stages for a cascade, else plain calls."""
         return self if cascade or self.plain is None else self.plain
 
 
 def tier_data(table: OutcomeTable, tiers: Sequence[str],
-              profile: dict[str, float] | None = None, signals: Sequence[str] = ()) -> TierData:
+              profile: dict[str, float] | None = None, signals: Sequence[str] = (),
+              first_token: bool = False) -> TierData:
     """The tiers' outcomes as arrays. With `signals`, every tier but the largest is what its
     cascade stage would be live: with agreement, its answer is the majority of the k samples
     (their quality) and its energy theirs (the stage runs the samples, not the greedy answer);
     a self-check adds its call's joules; and the signals join the logprob features as inputs.
-    The features stay the greedy answer's (the table's), a stand-in for the majority sample's."""
+    The features stay the greedy answer's (the table's), a stand-in for the majority sample's.
+    `first_token`: the confidence models read only the first token's logprob and entropy."""
+    if first_token:
+        if signals:
+            raise ValueError("a judge on the first token reads no other signal")
+        return tier_data(table, tiers, profile).select(FIRST_TOKEN)
     plain = tier_data(table, tiers, profile) if signals else None
     roles = ["small"] * (len(tiers) - 1) + ["large"]
     energies, sources = [], {}

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
-from greenroute.backends.base import Endpoint
+from greenroute.backends.base import Chunk, Endpoint
 from greenroute.routers import agreement
 
 TOP_LOGPROBS = 5
@@ -40,6 +41,58 @@ def stage_body(endpoint: Endpoint, body: dict[str, Any], cap: int, samples: int 
         stage["logprobs"] = max(TOP_LOGPROBS, body.get("logprobs") or 0)
         stage["max_tokens"] = min(body.get("max_tokens") or 16, cap)
     return stage
+
+
+def first_token_body(endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
+    """The request of a stage judged on its first token: streamed, with logprobs, and not
+    capped, since a kept answer is the one the client gets, streaming on from that token."""
+    stage = dict(body)
+    if endpoint is Endpoint.CHAT:
+        stage["logprobs"] = True
+        stage["top_logprobs"] = max(TOP_LOGPROBS, body.get("top_logprobs") or 0)
+    else:
+        stage["logprobs"] = max(TOP_LOGPROBS, body.get("logprobs") or 0)
+    return stage
+
+
+def first_token_logprobs(endpoint: Endpoint, chunks: Sequence[Chunk]
+                         ) -> list[dict[str, Any]] | None:
+    """The first generated token's logprobs (chat shape) among a stream's first chunks; None
+    while no chunk has carried one."""
+    for chunk in chunks:
+        if chunk.usage_only:
+            continue
+        data = orjson.loads(chunk.data)
+        if data.get("choices"):
+            content = logprob_content(endpoint, data)
+            if content:
+                return content[:1]
+    return None
+
+
+def answer_chunks(endpoint: Endpoint, chunks: Sequence[Chunk]) -> int:
+    """How many of a stream's chunks carry answer text: about one token each."""
+    count = 0
+    for chunk in chunks:
+        if chunk.usage_only:
+            continue
+        for choice in orjson.loads(chunk.data).get("choices") or ():
+            text = (choice.get("delta") or {}).get("content") if endpoint is Endpoint.CHAT \
+                else choice.get("text")
+            count += bool(text)
+    return count
+
+
+def stream_view(endpoint: Endpoint, body: dict[str, Any], chunk: Chunk) -> Chunk:
+    """A stage's chunk as the client asked for it: logprobs only if it asked for them."""
+    asked = bool(body.get("logprobs")) if endpoint is Endpoint.CHAT \
+        else body.get("logprobs") is not None
+    if asked or chunk.usage_only:
+        return chunk
+    data = orjson.loads(chunk.data)
+    for choice in data.get("choices", []):
+        choice["logprobs"] = None
+    return Chunk(orjson.dumps(data), chunk.usage, chunk.usage_only)
 
 
 def keep_majority(endpoint: Endpoint, answer: dict[str, Any]) -> float:

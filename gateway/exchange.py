@@ -11,7 +11,7 @@ accounting (gateway/accounting.py).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +105,33 @@ class Exchange:
                     attempt.done(None)
                 raise
         return Streamed(attempt, first, chunks)
+
+    async def read_until(self, streamed: Streamed,
+                         enough: Callable[[Sequence[Chunk]], bool]) -> list[Chunk]:
+        """A stream's chunks from its first batch on, read until `enough` of them are there or
+        it ends (a cascade stage judged on its first token). A failure closes the stream."""
+        held = list(streamed.first or ())
+        try:
+            while not enough(held):
+                batch = await until_disconnect(self._watcher, anext(streamed.rest, None),
+                                               self._stop)
+                if batch is None:
+                    break
+                held.extend(batch)
+        except BaseException as exc:
+            await streamed.rest.aclose()
+            if isinstance(exc, BackendError):
+                streamed.attempt.done(None)
+            raise
+        return held
+
+    async def drop(self, streamed: Streamed, held: Sequence[Chunk]) -> None:
+        """Stop a stream whose answer is not used: the model stops generating, and the attempt
+        keeps the energy it spent and its tokens (the usage, if it came with the chunks read,
+        else about one token per answer chunk)."""
+        await streamed.rest.aclose()
+        streamed.attempt.relayed = cascade.answer_chunks(self.endpoint, held)
+        streamed.attempt.done(next((c.usage for c in held if c.usage is not None), None))
 
     def respond(self, answer: Answer) -> Response:
         """The response for `answer`, its energy added, its accounting closed (a stream's when

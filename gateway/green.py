@@ -12,15 +12,16 @@ itself is at fault), and after a 5xx the best stage answer so far goes back mark
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any
 
-from greenroute.backends.base import Backend, BackendError, Completion, Endpoint
+from greenroute.backends.base import Backend, BackendError, Chunk, ChunkStream, Completion, Endpoint
 from greenroute.gateway import cascade
 from greenroute.gateway import headers as h
 from greenroute.gateway.carbon import CarbonAwareTarget
-from greenroute.gateway.exchange import Answer, Exchange, Whole
+from greenroute.gateway.exchange import Answer, Exchange, Streamed, Whole
 from greenroute.gateway.health import HealthMonitor
 from greenroute.gateway.plan import RoutedPlan, parse_target
 from greenroute.routers import agreement, selfcheck
@@ -84,6 +85,11 @@ class GreenRoute:
                 with self.health.guard(tier):
                     if last:
                         return await exchange.answer(tier, backend, dict(exchange.body))
+                    if exchange.stream and self.router.judges_first_token(tier):
+                        kept = await self._first_token(exchange, decision, tier, backend)
+                        if kept is not None:
+                            return kept
+                        continue
                     wanted = self.router.signals(tier)
                     samples = agreement.SAMPLES if AGREEMENT in wanted and \
                         exchange.body.get("n") in (None, 1) else 1
@@ -116,6 +122,27 @@ class GreenRoute:
                 return answer
             fallback = answer
         raise AssertionError("a plan always ends with a tier that answers")
+
+    async def _first_token(self, exchange: Exchange, decision: Decision, tier: str,
+                           backend: Backend) -> Streamed | None:
+        """A stage judged on its first token, for a streaming client: the stage streams, and
+        once its first token's logprobs are there the router judges them. Kept, the stream goes
+        on to the client live (its time to first token is the stage's own); not kept, the stage
+        stops generating and None says to try the next tier."""
+        endpoint = exchange.endpoint
+        streamed = await exchange.open_stream(tier, backend,
+                                              cascade.first_token_body(endpoint, exchange.body))
+        held = await exchange.read_until(
+            streamed, lambda chunks: cascade.first_token_logprobs(endpoint, chunks) is not None)
+        keep, confidence = self.router.keep(decision, tier,
+                                            cascade.first_token_logprobs(endpoint, held))
+        if confidence is not None:
+            exchange.headers[h.CONFIDENCE] = f"{confidence:.4f}"
+        if not keep:
+            await exchange.drop(streamed, held)
+            return None
+        view = functools.partial(cascade.stream_view, endpoint, exchange.body)
+        return Streamed(streamed.attempt, [view(c) for c in held], _viewed(streamed.rest, view))
 
     async def _signals(self, exchange: Exchange, tier: str, backend: Backend,
                        data: dict[str, Any], wanted: tuple[str, ...]) -> dict[str, float]:
@@ -156,3 +183,13 @@ class GreenRoute:
     def _next_larger(self, tier: str, tried: list[str]) -> str | None:
         order = self.router.policy.tiers
         return next((t for t in order[order.index(tier) + 1:] if t not in tried), None)
+
+
+async def _viewed(rest: ChunkStream, view: Callable[[Chunk], Chunk]
+                  ) -> AsyncGenerator[Sequence[Chunk]]:
+    """The rest of a kept stage's stream, each chunk as the client asked for it."""
+    try:
+        async for batch in rest:
+            yield [view(chunk) for chunk in batch]
+    finally:
+        await rest.aclose()

@@ -16,6 +16,10 @@ FEATURES = ("lp_mean", "lp_min", "lp_first", "lp_last", "entropy_mean", "entropy
 # Signals beyond the answer's own logprobs, each costing extra calls: the share of k samples
 # agreeing on the final answer (routers/agreement.py), and the model's own P(yes) when asked
 # whether its answer is correct (routers/selfcheck.py).
+# What a judge that decides on a stream's first token reads: the rest of the answer streams
+# live to the client once it is kept (gateway/green.py), so its time to first token is the
+# stage's own.
+FIRST_TOKEN = ("lp_first", "entropy_first")
 AGREEMENT = "agreement"
 SELF_CHECK = "self_check"
 SIGNALS = (AGREEMENT, SELF_CHECK)

@@ -22,7 +22,7 @@ import numpy as np
 from greenroute.routers import artifact
 from greenroute.routers.artifact import ArtifactError, Router
 from greenroute.routers.encoders import StaticEncoder
-from greenroute.routers.features import logprob_features
+from greenroute.routers.features import FIRST_TOKEN, logprob_features
 from greenroute.routers.policy import CANDIDATES
 
 log = logging.getLogger("greenroute.router")
@@ -135,6 +135,12 @@ class RouterService:
         which the gateway gathers before judging the stage's answer."""
         step = self.policy.steps[self.policy.tiers.index(tier)]
         return step.confidence.signals if step.confidence is not None else ()
+
+    def judges_first_token(self, tier: str) -> bool:
+        """Whether a stage's confidence model reads only its first token (FIRST_TOKEN), so a
+        streaming client can be answered live once that token is judged."""
+        step = self.policy.steps[self.policy.tiers.index(tier)]
+        return step.confidence is not None and set(step.confidence.inputs) <= set(FIRST_TOKEN)
 
     def keep(self, decision: Decision, tier: str, logprobs: list[dict[str, Any]] | None,
              signals: Mapping[str, float] | None = None) -> tuple[bool, float | None]:

@@ -87,3 +87,22 @@ def three_tier_artifact(directory: Path) -> Path:
                              largest="large", energy=[1.0, 2.0, 5.0],
                              thresholds={0.2: 0.05, 0.5: 0.3, 0.9: 0.7, 1.0: None},
                              never_keep=(0.05,))
+
+
+def judged_artifact(directory: Path, inputs: tuple[str, ...], slopes: dict[str, float],
+                    offset: float) -> Path:
+    """small -> large, small always tried and kept at target 0.9 when its confidence,
+    sigmoid(sum of slope x input + offset) over the named inputs (the rest weigh 0), is at
+    least 0.5. The confidence model reads `inputs`, so the gateway gathers those."""
+    encoder = static_encoder(directory / "encoder-source")
+    confidence = ConfidenceModel(inputs=inputs)
+    confidence.w = np.zeros(len(inputs) + 1)  # the last: the router's score
+    for name, slope in slopes.items():
+        confidence.w[inputs.index(name)] = slope
+    confidence.b = offset
+    step = Step(tier="small", router=constant_router(0.6, encoder.dim), confidence=confidence,
+                keep_edges=np.array([0.0]), keep_rates=np.full((len(CANDIDATES), 1), 0.9))
+    policy = RoutingPolicy(tiers=["small", "large"], steps=[step],
+                           energy=np.array([1.0, 5.0]), thresholds={0.9: candidate(0.5)})
+    return artifact.save(directory / "router", policy, encoder,
+                         {"kind": "logistic", "default_target": 0.9})

@@ -18,22 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import openai
 import orjson
 import pytest
 from conftest import Gateway, start_gateway, stop_gateway
 from fake_backends import FakeBackend, Reply, gateway_config, ledger, serve, tier
-from routing_fixtures import candidate, constant_router, static_encoder
+from routing_fixtures import judged_artifact
 from waiting import wait_until
 
 from greenroute.backends import weights
 from greenroute.backends.base import Completion, Endpoint, Usage
 from greenroute.gateway import cascade
-from greenroute.routers import agreement, artifact
-from greenroute.routers.confidence import ConfidenceModel
+from greenroute.routers import agreement
 from greenroute.routers.features import AGREEMENT, FEATURES, SELF_CHECK
-from greenroute.routers.policy import CANDIDATES, RoutingPolicy, Step
 
 CAP = 64
 MAX_TOKENS = 4  # the client's limit: a few tokens per sample keeps 2 shared cores' time low
@@ -43,23 +40,7 @@ SLOPE, OFFSET = 10.0, -5.0  # confidence = sigmoid(10 x agreement - 5): 3/5 -> 0
 def agreement_artifact(directory: Path) -> Path:
     """small -> large; small is always tried (router score 0.6, keep rate 0.9) and its answer is
     kept at target 0.9 (threshold 0.5) when at least 3 of the 5 samples agree."""
-    return signal_artifact(directory, {AGREEMENT: SLOPE}, OFFSET)
-
-
-def signal_artifact(directory: Path, slopes: dict[str, float], offset: float) -> Path:
-    """small -> large, small always tried and kept at target 0.9 when its confidence,
-    sigmoid(sum of slope x signal + offset) over the given signals, is at least 0.5."""
-    encoder = static_encoder(directory / "encoder-source")
-    confidence = ConfidenceModel(inputs=(*FEATURES, *slopes))
-    confidence.w = np.zeros(len(FEATURES) + len(slopes) + 1)  # the last: the router's score
-    confidence.w[len(FEATURES):len(FEATURES) + len(slopes)] = list(slopes.values())
-    confidence.b = offset
-    step = Step(tier="small", router=constant_router(0.6, encoder.dim), confidence=confidence,
-                keep_edges=np.array([0.0]), keep_rates=np.full((len(CANDIDATES), 1), 0.9))
-    policy = RoutingPolicy(tiers=["small", "large"], steps=[step],
-                           energy=np.array([1.0, 5.0]), thresholds={0.9: candidate(0.5)})
-    return artifact.save(directory / "router", policy, encoder,
-                         {"kind": "logistic", "default_target": 0.9})
+    return judged_artifact(directory, (*FEATURES, AGREEMENT), {AGREEMENT: SLOPE}, OFFSET)
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +163,8 @@ class SamplingBackend(FakeBackend):
 def both_signals_artifact(directory: Path) -> Path:
     """confidence = sigmoid(10 agreement + 4 self-check - 9), kept at 0.5: 3 of 5 samples
     agreeing are kept when the model vouches for the answer (P(yes) 0.9), not when it does not."""
-    return signal_artifact(directory, {AGREEMENT: 10.0, SELF_CHECK: 4.0}, -9.0)
+    return judged_artifact(directory, (*FEATURES, AGREEMENT, SELF_CHECK),
+                           {AGREEMENT: 10.0, SELF_CHECK: 4.0}, -9.0)
 
 
 @pytest.mark.parametrize(("p_yes", "kept"), [(0.9, True), (0.1, False)])

@@ -17,7 +17,7 @@ from routing_fixtures import WORDS, static_encoder
 from greenroute.evals.plan_choice import CASCADE, PROMPT_ONLY, families, fit_chosen
 from greenroute.evals.training import TierData, TrainConfig, fit_policy
 from greenroute.routers.artifact import read_manifest
-from greenroute.routers.features import FEATURES
+from greenroute.routers.features import FEATURES, FIRST_TOKEN
 from greenroute.routers.policy import simulate
 from greenroute.routers.service import DEFAULT_ARTIFACT
 
@@ -63,6 +63,21 @@ def test_a_cascade_is_chosen_where_only_the_answers_tell_right_from_wrong() -> N
     alone, _ = fit_policy(x, _prompts(2000), data, replace(CONFIG, delta=0.05))
     assert policy.thresholds == alone.thresholds
     assert calibrated.choices[0.95].quality_ratio >= 0.95
+
+
+def test_a_judge_on_the_first_token_alone_finds_the_cascade_too() -> None:
+    """`--judge first-token`: the confidence models read lp_first and entropy_first only (here
+    the answers' signal is in lp_first), which the gateway can judge on a stream's first token."""
+    x, data = _outcomes(2000, seed=1, prompt_signal=False, answer_signal=True)
+    first = data.select(FIRST_TOKEN)
+    assert first.inputs == FIRST_TOKEN
+    assert first.features[0] is not None and first.features[0].shape == (2000, 2)
+    policy, _, plan = fit_chosen(x, _prompts(2000), first, CONFIG)
+    assert plan.family == CASCADE
+    confidence = policy.steps[0].confidence
+    assert confidence is not None and confidence.inputs == FIRST_TOKEN
+    with pytest.raises(ValueError, match="agreement"):
+        data.select((*FIRST_TOKEN, "agreement"))
 
 
 def test_prompt_only_is_chosen_where_the_answers_say_nothing() -> None:
