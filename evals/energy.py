@@ -50,3 +50,22 @@ def prompt_energy(table: OutcomeTable, model: str, role: str,
     tokens = table.completion_tokens.get(model)
     units = tokens if tokens is not None else np.ones(len(table))
     return per_token * np.maximum(units, 1.0), SOURCE_PROFILE
+
+
+def first_token_energy(table: OutcomeTable, model: str, joules: np.ndarray) -> np.ndarray:
+    """Joules per prompt of `model` stopped after its first generated token: what a cascade
+    stage judged on its first token costs when it is not kept. Fitted on the table's own calls
+    as joules = a x prompt tokens + b x generated tokens (least squares, a, b >= 0), then
+    a x prompt tokens + b, at most the whole call's joules. Without token counts nothing is
+    known about the prefill, so the whole call's joules."""
+    prompt, generated = table.prompt_tokens.get(model), table.completion_tokens.get(model)
+    if prompt is None or generated is None or len(joules) < 2:
+        return joules
+    tokens = np.column_stack([prompt, generated]).astype(float)
+    (a, b), *_ = np.linalg.lstsq(tokens, joules, rcond=None)
+    if a < 0 or b < 0:  # one kind explains nothing: fit the other alone
+        only = 1 if a < 0 else 0
+        column = tokens[:, only]
+        slope = max(float(column @ joules / (column @ column)), 0.0) if column.any() else 0.0
+        a, b = (0.0, slope) if only else (slope, 0.0)
+    return np.asarray(np.minimum(a * prompt + b, joules), dtype=float)

@@ -68,6 +68,10 @@ class PlanChoice:
 def families(data: TierData, config: TrainConfig) -> list[str]:
     """The plan families this table and config allow, simplest first."""
     has_features = any(f is not None for f in data.features[:-1])
+    if config.cascade_only:
+        if not has_features:
+            raise ValueError("a cascade needs the table's logprob features")
+        return [CASCADE]
     return [PROMPT_ONLY, CASCADE] if config.cascade and has_features else [PROMPT_ONLY]
 
 

@@ -25,7 +25,7 @@ from greenroute.evals.training import (
     tier_data,
 )
 from greenroute.routers.artifact import Router
-from greenroute.routers.features import SIGNALS
+from greenroute.routers.features import FIRST_TOKEN, SIGNALS
 from greenroute.routers.models import Scheme, Target, make
 from greenroute.routers.policy import RoutingPolicy, simulate
 
@@ -106,7 +106,7 @@ def cross_validate_policy(table: OutcomeTable, tiers: Sequence[str], embed: Embe
         p = policy.scores(x[test])
         for target, row in per_target.items():
             outcome = simulate(policy, p, held.features, held.quality, held.energy,
-                               policy.candidate_for(target))
+                               policy.candidate_for(target), held.stopped)
             row.quality_ratio.append(float(outcome.quality.mean() / held.quality[:, -1].mean()))
             row.energy_saved.append(float(1 - outcome.energy.mean() / held.energy[:, -1].mean()))
             row.largest_share.append(float((outcome.answered_by == len(tiers) - 1).mean()))
@@ -125,7 +125,9 @@ def evaluate_artifact(router: Router, table: OutcomeTable, embed: Embed,
     inputs = next((s.confidence.inputs for s in policy.steps if s.confidence), None)
     signals = tuple(name for name in SIGNALS if inputs is not None and name in inputs)
     data = tier_data(table, policy.tiers, profile, signals)
-    if inputs is not None:
+    if inputs is not None and set(inputs) <= set(FIRST_TOKEN):
+        data = tier_data(table, policy.tiers, profile, first_token=True)
+    elif inputs is not None:
         data = data.select(inputs)
     x = embed(table.prompts)
     result = PolicyResult(f"artifact:{router.manifest.get('kind')}", whole_policy=True)
@@ -137,7 +139,7 @@ def evaluate_artifact(router: Router, table: OutcomeTable, embed: Embed,
     rows = []
     for target in sorted(policy.thresholds):
         outcome = simulate(policy, p, data.features, data.quality, data.energy,
-                           policy.candidate_for(target))
+                           policy.candidate_for(target), data.stopped)
         rows.append(TargetResult(result.name, target,
                                  [float(outcome.quality.mean() / data.quality[:, -1].mean())],
                                  [float(1 - outcome.energy.mean() / data.energy[:, -1].mean())],

@@ -93,6 +93,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
                         help="what a cascade stage is judged on: its whole answer, or only its "
                         "first token's logprob and entropy, so that a kept answer streams to "
                         "the client live (default: answer)")
+    parser.add_argument("--cascade-only", action="store_true",
+                        help="serve the cascade family even where routing on the prompt only "
+                        "would save more (no plan choice, so no delta split)")
     parser.add_argument("--no-cascade", action="store_true",
                         help="route on the prompt only, even when the table has logprobs "
                              "(no plan choice, so no delta split)")
@@ -116,7 +119,10 @@ def _train(args: argparse.Namespace) -> int:
                              targets=parse_targets(args.targets), inner_folds=args.folds,
                              cascade=not args.no_cascade, seed=args.seed,
                              signals=parse_signals(args.signals),
-                             first_token=args.judge == "first-token")
+                             first_token=args.judge == "first-token",
+                             cascade_only=args.cascade_only)
+        if args.cascade_only and args.no_cascade:
+            raise ValueError("--cascade-only and --no-cascade exclude each other")
         profile = parse_profile(args.energy_profile) if args.energy_profile else None
         encoder = build_encoder(args.encoder)
         data = tier_data(table, tiers, profile, config.signals, config.first_token)

@@ -18,11 +18,11 @@ Why calibrating on cross-fitted outcomes keeps the bound meaningful: docs/routin
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from greenroute.evals.energy import prompt_energy
+from greenroute.evals.energy import first_token_energy, prompt_energy
 from greenroute.evals.evaluate import group_folds
 from greenroute.evals.metrics import Curve
 from greenroute.evals.outcomes import OutcomeTable
@@ -45,6 +45,7 @@ class TrainConfig:
     targets: tuple[float, ...] = calibration.DEFAULT_TARGETS
     inner_folds: int = 5  # cross-fitting folds, and the confidence models' out-of-fold scores
     cascade: bool = True  # use the answers' confidence where the table has logprob features
+    cascade_only: bool = False  # serve the cascade family without weighing prompt-only
     # Cascade signals beyond logprobs that the confidence models read (routers/features.py:
     # SIGNALS); the table must carry them for every tier but the largest (evals/signals.py).
     signals: tuple[str, ...] = ()
@@ -66,12 +67,16 @@ class TierData:
     # With signals: the same prompts as one plain call to each tier, which is what a plan
     # without a cascade runs (its small tiers neither sample k answers nor check themselves).
     plain: TierData | None = None
+    # (prompts, tiers): a stage judged on its first token, stopped there (not kept); None when
+    # stages are judged on their whole answer
+    stopped: np.ndarray | None = None
 
     def subset(self, index: np.ndarray) -> TierData:
         return TierData(self.tiers, self.quality[index], self.energy[index],
                         [None if f is None else f[index] for f in self.features],
                         self.energy_source, self.inputs,
-                        None if self.plain is None else self.plain.subset(index))
+                        None if self.plain is None else self.plain.subset(index),
+                        None if self.stopped is None else self.stopped[index])
 
     def select(self, inputs: tuple[str, ...]) -> TierData:
         """The same outcomes with the confidence inputs cut to `inputs` (ValueError names one
@@ -84,7 +89,7 @@ class TierData:
         columns = [self.inputs.index(name) for name in inputs]
         return TierData(self.tiers, self.quality, self.energy,
                         [None if f is None else f[:, columns] for f in self.features],
-                        self.energy_source, inputs, self.plain)
+                        self.energy_source, inputs, self.plain, self.stopped)
 
     def for_plan(self, cascade: bool) -> TierData:
         """The outcomes a plan runs into: the signals' stages for a cascade, else plain calls."""
@@ -103,7 +108,10 @@ def tier_data(table: OutcomeTable, tiers: Sequence[str],
     if first_token:
         if signals:
             raise ValueError("a judge on the first token reads no other signal")
-        return tier_data(table, tiers, profile).select(FIRST_TOKEN)
+        data = tier_data(table, tiers, profile).select(FIRST_TOKEN)
+        stopped = np.column_stack([first_token_energy(table, tier, data.energy[:, j])
+                                   for j, tier in enumerate(tiers)])
+        return replace(data, stopped=stopped)
     plain = tier_data(table, tiers, profile) if signals else None
     roles = ["small"] * (len(tiers) - 1) + ["large"]
     energies, sources = [], {}
@@ -219,7 +227,8 @@ def fit_steps(x: np.ndarray, prompts: Sequence[str], data: TierData,
                 scores, step.confidence.predict(features, scores))
         steps.append(step)
     return RoutingPolicy(tiers=list(data.tiers), steps=steps,
-                         energy=data.energy.mean(axis=0), thresholds={})
+                         energy=data.energy.mean(axis=0), thresholds={},
+                         stop_energy=None if data.stopped is None else data.stopped.mean(axis=0))
 
 
 def _keep_table(scores: np.ndarray, confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -253,7 +262,7 @@ def calibrate(policy: RoutingPolicy, outcomes: Replay, data: TierData,
 def replay(policy: RoutingPolicy, x: np.ndarray, data: TierData) -> Replay:
     """A fitted policy's outcome on prompts under every candidate threshold."""
     p = policy.scores(x)
-    outcomes = [simulate(policy, p, data.features, data.quality, data.energy, c)
+    outcomes = [simulate(policy, p, data.features, data.quality, data.energy, c, data.stopped)
                 for c in range(len(CANDIDATES))]
     return Replay(np.stack([o.quality for o in outcomes]), np.stack([o.energy for o in outcomes]),
                   np.stack([o.answered_by == len(data.tiers) - 1 for o in outcomes]))

@@ -4,7 +4,8 @@ kept answer goes back to a client that asked for a stream.
 A stage always asks for logprobs (the confidence model reads them) and for no more tokens than
 `cascade_max_tokens`; a stage whose answer hit that cap, rather than the client's own limit, is
 not judged but escalated: a cut-off answer is not an answer. Logprobs the client did not ask
-for are removed before the answer goes back.
+for are removed before the answer goes back. A stage judged on its first token, for a streaming
+client, streams uncapped instead (`first_token_body`): its answer, once kept, is the client's.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ def stage_body(endpoint: Endpoint, body: dict[str, Any], cap: int, samples: int 
 
 
 def first_token_body(endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
-    """The request of a stage judged on its first token: streamed, with logprobs, and not
-    capped, since a kept answer is the one the client gets, streaming on from that token."""
-    stage = dict(body)
+    """The request of a stage judged on its first token: streamed (also for a client that did
+    not ask for a stream: a stage not kept stops after one token), with usage and logprobs, and
+    not capped, since a kept answer is the one the client gets."""
+    stage = {**body, "stream": True, "stream_options": {"include_usage": True}}
     if endpoint is Endpoint.CHAT:
         stage["logprobs"] = True
         stage["top_logprobs"] = max(TOP_LOGPROBS, body.get("top_logprobs") or 0)
@@ -68,6 +70,44 @@ def first_token_logprobs(endpoint: Endpoint, chunks: Sequence[Chunk]
             if content:
                 return content[:1]
     return None
+
+
+def assemble(endpoint: Endpoint, chunks: Sequence[Chunk]) -> dict[str, Any]:
+    """A whole answer from a stream's chunks (one choice): its text, logprobs, finish reason
+    and usage, in the shape the endpoint answers without streaming."""
+    head: dict[str, Any] = {}
+    text: list[str] = []
+    finish = None
+    lists: dict[str, list[Any]] = {}
+    usage: dict[str, Any] | None = None
+    for chunk in chunks:
+        data = orjson.loads(chunk.data)
+        head = head or data
+        if isinstance(data.get("usage"), dict):
+            usage = data["usage"]
+        for choice in data.get("choices") or ():
+            if endpoint is Endpoint.CHAT:
+                text.append((choice.get("delta") or {}).get("content") or "")
+            else:
+                text.append(choice.get("text") or "")
+            finish = choice.get("finish_reason") or finish
+            logprobs = choice.get("logprobs")
+            if isinstance(logprobs, dict):
+                for key, values in logprobs.items():
+                    if isinstance(values, list):
+                        lists.setdefault(key, []).extend(values)
+    choice_out: dict[str, Any] = {"index": 0, "logprobs": lists or None,
+                                  "finish_reason": finish}
+    if endpoint is Endpoint.CHAT:
+        choice_out["message"] = {"role": "assistant", "content": "".join(text)}
+    else:
+        choice_out["text"] = "".join(text)
+    answer = {"id": head.get("id", ""), "created": head.get("created", int(time.time())),
+              "model": head.get("model", ""), "choices": [choice_out],
+              "object": "chat.completion" if endpoint is Endpoint.CHAT else "text_completion"}
+    if usage is not None:
+        answer["usage"] = usage
+    return answer
 
 
 def answer_chunks(endpoint: Endpoint, chunks: Sequence[Chunk]) -> int:

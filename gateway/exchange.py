@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from starlette.responses import Response
 from starlette.types import Receive
 
@@ -124,6 +125,17 @@ class Exchange:
                 streamed.attempt.done(None)
             raise
         return held
+
+    async def collect(self, streamed: Streamed, held: Sequence[Chunk]) -> Whole:
+        """The rest of a stream read to its end and assembled into a whole answer, as the
+        client asked for it (a kept first-token stage, for a client that did not stream)."""
+        chunks = await self.read_until(Streamed(streamed.attempt, held, streamed.rest),
+                                       lambda _: False)
+        usage = next((c.usage for c in reversed(chunks) if c.usage is not None), None)
+        streamed.attempt.done(usage)
+        data = cascade.client_view(self.endpoint, self.body,
+                                   cascade.assemble(self.endpoint, chunks))
+        return Whole(streamed.attempt, Completion(orjson.dumps(data), usage, data))
 
     async def drop(self, streamed: Streamed, held: Sequence[Chunk]) -> None:
         """Stop a stream whose answer is not used: the model stops generating, and the attempt

@@ -3,7 +3,10 @@
 Every tier of the plan but the last is a cascade stage: asked for a capped, non-streamed answer
 with logprobs (gateway/cascade.py), plus the extra signals its confidence model reads (k samples
 for agreement, a self-check call), kept if the router trusts it, else the next tier is tried.
-The last tier answers as the client asked. A tier that fails (5xx), or refuses the request
+The last tier answers as the client asked. A stage whose confidence model reads only the first
+token (`train --judge first-token`) serves a streaming client differently: it streams, is
+judged on its first token, and once kept goes on streaming to the client live; not kept, it
+stops there and the next tier answers. A tier that fails (5xx), or refuses the request
 (4xx: it asks for what this tier cannot do, such as n > 1, tools, image parts or a prompt longer
 than its context), hands it on to the next, or, past the plan's end, to the next larger tier.
 When none is left, a 4xx goes back as the last tier gave it (every tier refused: the request
@@ -85,7 +88,7 @@ class GreenRoute:
                 with self.health.guard(tier):
                     if last:
                         return await exchange.answer(tier, backend, dict(exchange.body))
-                    if exchange.stream and self.router.judges_first_token(tier):
+                    if self.router.judges_first_token(tier):
                         kept = await self._first_token(exchange, decision, tier, backend)
                         if kept is not None:
                             return kept
@@ -124,11 +127,12 @@ class GreenRoute:
         raise AssertionError("a plan always ends with a tier that answers")
 
     async def _first_token(self, exchange: Exchange, decision: Decision, tier: str,
-                           backend: Backend) -> Streamed | None:
-        """A stage judged on its first token, for a streaming client: the stage streams, and
-        once its first token's logprobs are there the router judges them. Kept, the stream goes
-        on to the client live (its time to first token is the stage's own); not kept, the stage
-        stops generating and None says to try the next tier."""
+                           backend: Backend) -> Answer | None:
+        """A stage judged on its first token: the stage streams, and once its first token's
+        logprobs are there the router judges them. Kept, the stream goes on to a streaming
+        client live (its time to first token is the stage's own), or is read to its end for
+        one that did not stream; not kept, the stage stops generating (it cost its prompt and
+        one token) and None says to try the next tier."""
         endpoint = exchange.endpoint
         streamed = await exchange.open_stream(tier, backend,
                                               cascade.first_token_body(endpoint, exchange.body))
@@ -141,6 +145,8 @@ class GreenRoute:
         if not keep:
             await exchange.drop(streamed, held)
             return None
+        if not exchange.stream:
+            return await exchange.collect(streamed, held)
         view = functools.partial(cascade.stream_view, endpoint, exchange.body)
         return Streamed(streamed.attempt, [view(c) for c in held], _viewed(streamed.rest, view))
 

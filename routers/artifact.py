@@ -75,6 +75,8 @@ def save(path: str | Path, policy: RoutingPolicy, encoder: Encoder,
     full = {
         "format": FORMAT, "version": VERSION, **manifest, "tiers": policy.tiers,
         "encoder": encoder_spec, "steps": steps, "energy_per_prompt": policy.energy.tolist(),
+        **({"stop_energy_per_prompt": policy.stop_energy.tolist()}
+           if policy.stop_energy is not None else {}),
         "thresholds": _thresholds_json(policy.thresholds),
         "thresholds_by_delta": {f"{d:g}": _thresholds_json(by_target)
                                 for d, by_target in sorted(policy.by_delta.items())},
@@ -163,7 +165,9 @@ def load(path: str | Path, encoder: Encoder | None = None,
         by_delta.setdefault(float(served), _thresholds(manifest["thresholds"]))
     policy = RoutingPolicy(tiers=list(manifest["tiers"]), steps=steps,
                            energy=np.asarray(manifest["energy_per_prompt"], dtype=float),
-                           thresholds=_thresholds(manifest["thresholds"]), by_delta=by_delta)
+                           thresholds=_thresholds(manifest["thresholds"]), by_delta=by_delta,
+                           stop_energy=np.asarray(manifest["stop_energy_per_prompt"], dtype=float)
+                           if "stop_energy_per_prompt" in manifest else None)
     if delta is not None:
         try:
             policy.use_delta(delta)

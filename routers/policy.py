@@ -13,7 +13,9 @@ quality target by calibration (routers/calibration.py), decides everything:
   only when it lowers the expected energy: with e the stage's energy, V the expected energy of
   the rest of the plan and k the chance, at this p, that the answer will be kept, trying costs
   e + (1 - k) x V against V for skipping it. So a prompt the router expects the small tier to
-  fail skips the small call instead of wasting it.
+  fail skips the small call instead of wasting it. A stage judged on its first token stops
+  there when it is not kept, at a cost s (its prefill and one token) instead of e: trying costs
+  k x e + (1 - k) x (s + V).
 
 The same code plans live requests (one prompt) and simulates policies offline (arrays of
 prompts with every tier's recorded outcome), so what is calibrated is what is served.
@@ -60,6 +62,9 @@ class RoutingPolicy:
     # Every calibration's thresholds by its risk delta (`thresholds` is the one served); empty
     # until calibrated.
     by_delta: dict[float, dict[float, int | None]] = field(default_factory=dict)
+    # Mean joules of each tier's stage when judged on its first token and not kept (it stops
+    # there); None where a stage not kept has cost its whole answer.
+    stop_energy: np.ndarray | None = None
 
     def use_delta(self, delta: float) -> None:
         """Serve the thresholds calibrated at `delta` (KeyError if there are none)."""
@@ -98,7 +103,9 @@ class RoutingPolicy:
                 tried[direct, j] = True
                 value[direct] = self.energy[j]
             else:
-                cost = self.energy[j] + (1.0 - step.keep_rate(candidate, p[:, j])) * value
+                keep = step.keep_rate(candidate, p[:, j])
+                stop = self.energy[j] if self.stop_energy is None else self.stop_energy[j]
+                cost = keep * self.energy[j] + (1.0 - keep) * (stop + value)
                 better = cost < value
                 tried[better, j] = True
                 value[better] = cost[better]
@@ -126,9 +133,11 @@ class Outcome:
 
 
 def simulate(policy: RoutingPolicy, p: np.ndarray, features: list[np.ndarray | None],
-             quality: np.ndarray, energy: np.ndarray, candidate: int | None) -> Outcome:
+             quality: np.ndarray, energy: np.ndarray, candidate: int | None,
+             stopped: np.ndarray | None = None) -> Outcome:
     """Replay the policy on recorded outcomes: `quality` and `energy` are (prompts, tiers),
-    `features[j]` tier j's logprob features (None where the table has none)."""
+    `features[j]` tier j's logprob features (None where the table has none); `stopped`, what
+    each tier's stage costs when it stops after its first token (None: its whole answer)."""
     n, k = quality.shape
     tried = policy.plans(p, candidate)
     answered = np.full(n, -1)
@@ -142,4 +151,7 @@ def simulate(policy: RoutingPolicy, p: np.ndarray, features: list[np.ndarray | N
         last = ~tried[:, j + 1:].any(axis=1)
         kept = policy.keep(j, p[:, j], features[j], candidate)
         answered[active & (last | kept)] = j
+        if stopped is not None:  # a stage not kept stopped at its first token
+            cut = active & ~(last | kept)
+            spent[cut] += stopped[cut, j] - energy[cut, j]
     return Outcome(quality=quality[np.arange(n), answered], energy=spent, answered_by=answered)

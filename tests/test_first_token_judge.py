@@ -105,17 +105,34 @@ def test_an_unsure_first_token_stops_the_stage_and_the_large_tier_streams(
         ("small", 0, 1), ("large", 1, len(LARGE_TEXT.split()))]
 
 
-def test_a_client_that_does_not_stream_gets_the_judged_whole_answer(router: Path,
-                                                                     tmp_path: Path) -> None:
-    """The first-token judge on a whole stage answer (capped as any stage's: here the client's
-    own limit is the cap): the same decision, nothing to stream early."""
+def test_a_client_that_does_not_stream_gets_the_kept_answer_whole(router: Path,
+                                                                 tmp_path: Path) -> None:
+    """The stage streams for the gateway alone: kept, it is read to its end and goes back as one
+    answer (uncapped, as the client asked); not kept, it stops after its first token."""
     for logprob, answered_by in ((SURE, "small"), (UNSURE, "large")):
-        with green(router, tmp_path / f"{logprob}.db", logprob) as (http, small, _):
+        db = tmp_path / f"{logprob}.db"
+        with green(router, db, logprob) as (http, small, _):
             response = http.post("/v1/chat/completions", json={
-                "model": "green", "messages": QUESTION, "max_tokens": 4})
+                "model": "green", "messages": QUESTION, "max_tokens": 32})
+        assert response.status_code == 200, response.text
         assert response.headers["x-greenroute-model"] == answered_by
         (_, body), = small.calls
-        assert not body.get("stream") and body["max_tokens"] == 4
+        assert body["stream"] and body["max_tokens"] == 32
+        answer = response.json()
+        assert answer["object"] == "chat.completion"
+        choice = answer["choices"][0]
+        assert choice["logprobs"] is None and choice["finish_reason"] == "stop"
+        row, models = ledger(db, response.headers["x-request-id"])
+        assert row is not None and row["answered_by"] == answered_by
+        if answered_by == "small":
+            assert choice["message"] == {"role": "assistant", "content": SMALL_TEXT}
+            assert answer["usage"]["completion_tokens"] == len(SMALL_TEXT.split())
+            assert [m["tier"] for m in models] == ["small"]
+        else:
+            assert choice["message"]["content"] == LARGE_TEXT
+            assert small.streams_closed == 1
+            assert [(m["tier"], m["completion_tokens"]) for m in models] == [
+                ("small", 1), ("large", len(LARGE_TEXT.split()))]
 
 
 def test_only_a_model_that_reads_nothing_but_the_first_token_streams_early(

@@ -94,6 +94,17 @@ def test_prompt_only_is_chosen_where_the_answers_say_nothing() -> None:
     assert "Bonferroni" in manifest["chosen_by"]
 
 
+def test_cascade_only_serves_the_cascade_where_prompt_only_would_win() -> None:
+    x, data = _outcomes(2000, seed=2, prompt_signal=True, answer_signal=False)
+    policy, _, plan = fit_chosen(x, _prompts(2000), data, replace(CONFIG, cascade_only=True))
+    assert plan.family == CASCADE and [c.family for c in plan.candidates] == [CASCADE]
+    assert plan.delta_each == CONFIG.delta  # one family: nothing split
+    assert policy.steps[0].confidence is not None
+    no_features = replace(data, features=[None, None])
+    with pytest.raises(ValueError, match="logprob features"):
+        fit_chosen(x, _prompts(2000), no_features, replace(CONFIG, cascade_only=True))
+
+
 def test_one_family_splits_nothing() -> None:
     x, data = _outcomes(1000, seed=3, prompt_signal=True, answer_signal=True)
     for table, config in ((replace(data, features=[None, None]), CONFIG),

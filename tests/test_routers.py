@@ -129,6 +129,31 @@ def test_cascade_keeps_confident_answers_and_skips_hopeless_small_calls() -> Non
     assert outcome.quality.mean() >= 0.95 * new.quality[:, 1].mean() - 0.01
 
 
+
+def test_a_stage_that_stops_at_its_first_token_costs_that_and_is_tried_more(
+        tmp_path: Path) -> None:
+    """A first-token stage not kept costs its prefill and a token (`stopped`), not its whole
+    answer: the replay charges that, and the skip rule, priced with it, tries the small tier
+    on more prompts; which answers are kept does not change."""
+    x, data = _with_confidence(3000, seed=5)
+    policy, _ = fit_policy(x, [f"prompt {i}" for i in range(3000)], data,
+                           TrainConfig(kind="logistic", targets=(0.9,)))
+    p, candidate = policy.scores(x), policy.candidate_for(0.9)
+    stopped = data.energy * [0.1, 1.0]
+    whole = simulate(policy, p, data.features, data.quality, data.energy, candidate)
+    cut = simulate(policy, p, data.features, data.quality, data.energy, candidate, stopped)
+    np.testing.assert_array_equal(whole.answered_by, cut.answered_by)
+    escalated = policy.plans(p, candidate)[:, 0] & (whole.answered_by == 1)
+    assert escalated.any()
+    np.testing.assert_allclose(whole.energy - cut.energy, 0.9 * escalated)  # small costs 1 J
+    tried = policy.plans(p, candidate)[:, 0].mean()
+    policy.stop_energy = stopped.mean(axis=0)
+    assert policy.plans(p, candidate)[:, 0].mean() > tried
+    encoder = static_encoder(tmp_path / "encoder")
+    saved = artifact.load(artifact.save(tmp_path / "router", policy, encoder, {"kind": "logistic"}))
+    np.testing.assert_allclose(saved.policy.stop_energy, policy.stop_energy)
+
+
 def test_cross_fitted_calibration_keeps_its_guarantee_on_new_traffic() -> None:
     """Calibrated on the out-of-fold outcomes of all its training prompts and served by routers
     refitted on all of them, the policy still meets its target on new traffic in at least
