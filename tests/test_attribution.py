@@ -52,7 +52,7 @@ class BurstServer:
         return ServerCount(sum(p for p, _ in seen), sum(g for _, g in seen), running)
 
 
-def device(cheap: bool = True, period_s: float = 1e9, update_s: float = 0.0,
+def device(cheap: bool = True, period_s: float = 1e9, update_s: float | None = 0.0,
            server: BurstServer | None = None) -> tuple[Device, BurstMeter, Clock,
                                                        list[PeriodEnergy]]:
     clock = server.clock if server is not None else Clock()
@@ -343,7 +343,7 @@ class SteppingMeter:
         return self.true_joules(max(self.phase + k * self.every, 0.0))
 
 
-def _slow_counter_errors(update_s: float) -> list[float]:
+def _slow_counter_errors(update_s: float | None) -> list[float]:
     """Requests back to back on a device whose power depends on what runs: each request's
     attributed joules against the power curve's integral over its lifetime."""
     import random
@@ -387,6 +387,40 @@ def test_a_slow_counters_steps_are_spread_over_the_time_since_the_previous_one()
           f"{sum(old) / len(old):.3f}")
     assert max(errors) < 0.05
     assert max(old) > 0.2
+
+
+def test_an_unset_update_period_is_learned_from_the_counters_steps() -> None:
+    """update_s None (a prometheus meter's default): the 2 s counter is handled as well as
+    when its period is configured, once it has stepped twice."""
+    learned = _slow_counter_errors(update_s=None)
+    print(f"\nslow counter, period learned: max {max(learned):.3f}, mean "
+          f"{sum(learned) / len(learned):.3f}")
+    assert max(learned) < 0.05
+
+
+def test_a_fresh_counter_under_a_learned_period_is_priced_at_every_reading() -> None:
+    """update_s None on a counter that moves at every reading: each interval is priced as it
+    closes, as with update_s 0; only the first reading's step is the baseline."""
+    results = {}
+    for update_s in (0.0, None):
+        dev, meter, clock, _ = device(cheap=False, update_s=update_s)
+        track = dev.track()
+        for step in range(1, 21):
+            clock.t = step / 10
+            meter.bursts.append((clock.t, 1.0 + (step % 3)))  # 1-3 J per 100 ms
+            if step == 5:
+                track.begin()
+            if step == 15:
+                track.tokens(10)
+                track.end()
+            dev.sample()
+            if step == 15:
+                assert track.final  # priced and settled at once, not held
+        dev.close()
+        results[update_s] = (track.joules, dev.measured_j)
+    (joules_0, measured_0), (joules_auto, measured_auto) = results[0.0], results[None]
+    assert joules_auto == pytest.approx(joules_0)
+    assert measured_auto == pytest.approx(measured_0 - 2.0)  # the first step (at 0.1 s): 2 J
 
 
 def test_a_slow_counter_holds_intervals_until_it_steps_past_them() -> None:

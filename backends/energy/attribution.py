@@ -46,6 +46,9 @@ log = logging.getLogger("greenroute.energy")
 
 Clock = Callable[[], float]
 CARRY_DECAY = 0.9  # per interval: a carried token is forgotten within a couple of seconds
+# update_s = None (auto): until the counter has stepped twice, its period is unknown, so the
+# intervals since its last step wait up to twice this for the next one
+AUTO_WAIT_S = 120.0
 
 
 @dataclass(eq=False, slots=True)
@@ -125,17 +128,21 @@ class Device:
     this process takes E x (its tokens / the servers' tokens) and the rest is `other`.
     `costs` weighs each tier's prompt and generated tokens. `update_s` > 0 marks a slow counter
     (one that steps about every `update_s`): a step is spread over the time since the previous
-    one, and intervals settle only once the counter has stepped past them."""
+    one, and intervals settle only once the counter has stepped past them. `update_s` None
+    handles every counter so and learns its period (the longest time between two steps seen):
+    a fresh counter steps at every reading, so it is priced as it goes; its first step is only
+    the baseline, since what time it covers before this process read it is unknown."""
 
     def __init__(self, meter: Meter, *, period_s: float = 60.0,
                  on_period: Callable[[PeriodEnergy], None] | None = None,
                  clock: Clock = time.monotonic, wall: Clock = time.time,
                  servers: Mapping[str, ServerTokens] | None = None,
-                 costs: TokenCosts | None = None, update_s: float = 0.0) -> None:
+                 costs: TokenCosts | None = None, update_s: float | None = 0.0) -> None:
         self.meter = meter
         self.servers = dict(servers or {})
         self.costs = costs or TokenCosts()
-        self.update_s = update_s
+        self.auto = update_s is None  # learn the counter's period (0 until it has stepped twice)
+        self.update_s = update_s or 0.0
         # request boundaries can be interval boundaries only where nothing else must be read
         self._cheap = meter.cheap and not self.servers
         self.name = meter.device
@@ -356,7 +363,7 @@ class Device:
                                    sum(c.running for c in self._open_server.values()))
         if server is not None:
             self._open_server = server
-        if self.update_s > 0:
+        if self.update_s > 0 or self.auto:
             self._price(interval, reading)
         self._open_counter = reading
 
@@ -371,15 +378,19 @@ class Device:
             if not self._stepped:
                 # The first step also holds energy from before this process started reading:
                 # it is taken to cover at least one update period, and the part before the
-                # first reading is left out (the counter's start moves up by it).
+                # first reading is left out (the counter's start moves up by it). With the
+                # period unknown (auto), all of it is: the first step is the baseline.
                 full = max(span, self.update_s)
-                before = step * (1.0 - span / full) if full > 0 else 0.0
+                before = step if self.auto else (
+                    step * (1.0 - span / full) if full > 0 else 0.0)
                 step -= before
                 self._change_counter += before
                 self._period.counter_start_j += before
                 self._stepped = True
+            elif self.auto:
+                self.update_s = max(self.update_s, span)
             base = self._change_counter
-            shape = self._power_shape(step)
+            shape = self._power_shape(step) if step > 0 else [0.0] * len(self._unpriced)
             total = sum(shape)
             for waiting, weight in zip(self._unpriced, shape, strict=True):
                 part = step * weight / total if total > 0 else (
@@ -387,7 +398,8 @@ class Device:
                 base += part
                 waiting.joules, waiting.counter1, waiting.priced = part, base, True
             interval.counter1 = reading
-        elif interval.t1 - self._change_t <= 2 * self.update_s:
+        elif interval.t1 - self._change_t <= 2 * (
+                AUTO_WAIT_S if self.auto and self.update_s == 0 else self.update_s):
             return  # no step yet: the counter may simply not have updated
         # else: no step for two update periods: the device used no energy, or the counter is
         # stuck; either way nothing more is known about these intervals

@@ -40,7 +40,9 @@ class MeterConfig(BaseModel):
     timeout_s: float = Field(default=2.0, gt=0)
     # How often the counter itself updates, in seconds; > 0 turns on slow-counter handling
     # (each step spread over the time since the previous one). DCGM exporter: 30 (its -c 30000).
-    update_s: float = Field(default=0.0, ge=0)
+    # 0: every reading is fresh. Unset: prometheus learns it from the counter's steps (a DCGM
+    # exporter at its defaults works as is); the local meters are fresh.
+    update_s: float | None = Field(default=None, ge=0)
     # prometheus on a vLLM tier: where to read the server's token counters, the denominator
     # shared with its other clients. "auto": the tier's url without /v1, plus /metrics; "off";
     # or a URL.

@@ -99,7 +99,7 @@ class Fleet:
             device = Device(meters[members[0].name][1], period_s=period_s, on_period=on_period,
                             servers=servers,
                             costs=TokenCosts({t.name: t.energy_hint for t in members}),
-                            update_s=first.update_s if first is not None else 0.0)
+                            update_s=_update_s(first))
             self._samplers.append(Sampler(device, interval_s))
             for tier in members:
                 self.devices[tier.name] = device
@@ -125,3 +125,13 @@ class Fleet:
                 sampler.stop()
             except MeterError as exc:
                 log.warning("energy: final reading of %s failed: %s", sampler.device.name, exc)
+
+
+def _update_s(meter: MeterConfig | None) -> float | None:
+    """The counter's update period for its Device: as configured, else learned (None) for a
+    remote exporter, whose counter may step every 30 s, and 0 (fresh) for the local meters."""
+    if meter is None:
+        return 0.0
+    if meter.update_s is not None:
+        return meter.update_s
+    return None if meter.kind == "prometheus" else 0.0
