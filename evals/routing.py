@@ -90,14 +90,13 @@ def cross_validate_policy(table: OutcomeTable, tiers: Sequence[str], embed: Embe
     result = PolicyResult(label, whole_policy=True)
     per_target = {t: TargetResult(label, t) for t in config.targets}
     # Each prompt's outcomes as its fold's plan runs them (plain calls unless it cascades)
-    seen = TierData(data.tiers, data.quality.copy(), data.energy.copy(), data.features,
-                    data.energy_source, data.inputs)
+    seen_quality, seen_energy = data.quality.copy(), data.energy.copy()
     pooled = np.zeros((3, 0))
     for test in group_folds(table.prompts, folds, seed):
         train = np.setdiff1d(np.arange(len(table)), test)
         policy, _ = fit(x[train], [table.prompts[i] for i in train], data.subset(train), config)
         held = data.subset(test).for_plan(cascades(policy))
-        seen.quality[test], seen.energy[test] = held.quality, held.energy
+        seen_quality[test], seen_energy[test] = held.quality, held.energy
         outcomes = replay(policy, x[test], held)
         curve = outcomes.curve()
         result.folds.append(metrics.summarize(_pair(held), curve))
@@ -113,7 +112,7 @@ def cross_validate_policy(table: OutcomeTable, tiers: Sequence[str], embed: Embe
             row.ideal_saved.append(ideal_saving(outcomes, held, target))
     share, quality, energy = pooled / len(table)  # candidates line up across folds
     result.curve = metrics.Curve(share=share, quality=quality, energy=energy)
-    result.whole = metrics.summarize(_pair(seen), result.curve)
+    result.whole = metrics.summarize(_pair_of(seen_quality, seen_energy), result.curve)
     return result, list(per_target.values())
 
 
@@ -157,8 +156,12 @@ def ideal_saving(outcomes: Replay, data: TierData, target: float) -> float:
 
 
 def _pair(data: TierData) -> metrics.Pair:
-    return metrics.Pair(data.quality[:, 0], data.quality[:, -1], data.energy[:, 0],
-                        data.energy[:, -1])
+    return _pair_of(data.quality, data.energy)
+
+
+def _pair_of(quality: np.ndarray, energy: np.ndarray) -> metrics.Pair:
+    """The smallest and the largest tier's quality and energy, per prompt."""
+    return metrics.Pair(quality[:, 0], quality[:, -1], energy[:, 0], energy[:, -1])
 
 
 def cascades(policy: RoutingPolicy) -> bool:
