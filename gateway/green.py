@@ -136,8 +136,11 @@ class GreenRoute:
         endpoint = exchange.endpoint
         streamed = await exchange.open_stream(tier, backend,
                                               cascade.first_token_body(endpoint, exchange.body))
+        # until the first token's logprobs, or the first text without any (a backend that
+        # ignores `logprobs`: the answer cannot be judged, so it is not kept)
         held = await exchange.read_until(
-            streamed, lambda chunks: cascade.first_token_logprobs(endpoint, chunks) is not None)
+            streamed, lambda chunks: cascade.first_token_logprobs(endpoint, chunks) is not None
+            or cascade.answer_chunks(endpoint, chunks) > 0)
         keep, confidence = self.router.keep(decision, tier,
                                             cascade.first_token_logprobs(endpoint, held))
         if confidence is not None:

@@ -145,3 +145,15 @@ def test_only_a_model_that_reads_nothing_but_the_first_token_streams_early(
     assert not body.get("stream")  # judged on its whole (capped) answer, sent in one piece
     assert len([p for p in payloads if p["choices"]
                 and p["choices"][0]["delta"].get("content")]) == 1
+
+
+def test_a_stage_whose_stream_has_no_logprobs_stops_at_its_first_text(tmp_path: Path,
+                                                                      router: Path) -> None:
+    small = FakeBackend("small", reply=Reply(text=SMALL_TEXT, gives_logprobs=False))
+    large = FakeBackend("large", reply=Reply(text=LARGE_TEXT))
+    config = gateway_config(tier("small", 1.0), tier("large", 5.0),
+                            router={"path": str(router)}, ledger={"path": str(tmp_path / "l")})
+    with serve(config, small, large) as http:
+        headers, payloads = stream(http)
+    assert headers["x-greenroute-model"] == "large" and text_of(payloads) == LARGE_TEXT
+    assert small.streams_closed == 1  # not generated to its end and then thrown away
