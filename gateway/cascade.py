@@ -57,19 +57,23 @@ def first_token_body(endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]
     return stage
 
 
-def first_token_logprobs(endpoint: Endpoint, chunks: Sequence[Chunk]
-                         ) -> list[dict[str, Any]] | None:
-    """The first generated token's logprobs (chat shape) among a stream's first chunks; None
-    while no chunk has carried one."""
+def first_token(endpoint: Endpoint, chunks: Sequence[Chunk]
+                ) -> tuple[bool, list[dict[str, Any]] | None]:
+    """Whether a stream's first generated token is among its first chunks (a chunk carried
+    logprobs, or text), and that token's logprobs in the chat shape: None when its chunk had
+    none (a backend that ignores `logprobs`: the answer cannot be judged)."""
     for chunk in chunks:
         if chunk.usage_only:
             continue
         data = orjson.loads(chunk.data)
-        if data.get("choices"):
-            content = logprob_content(endpoint, data)
-            if content:
-                return content[:1]
-    return None
+        if not data.get("choices"):
+            continue
+        content = logprob_content(endpoint, data)
+        if content:
+            return True, content[:1]
+        if _delta_text(endpoint, data["choices"][0]):
+            return True, None
+    return False, None
 
 
 def assemble(endpoint: Endpoint, chunks: Sequence[Chunk]) -> dict[str, Any]:
@@ -86,10 +90,7 @@ def assemble(endpoint: Endpoint, chunks: Sequence[Chunk]) -> dict[str, Any]:
         if isinstance(data.get("usage"), dict):
             usage = data["usage"]
         for choice in data.get("choices") or ():
-            if endpoint is Endpoint.CHAT:
-                text.append((choice.get("delta") or {}).get("content") or "")
-            else:
-                text.append(choice.get("text") or "")
+            text.append(_delta_text(endpoint, choice))
             finish = choice.get("finish_reason") or finish
             logprobs = choice.get("logprobs")
             if isinstance(logprobs, dict):
@@ -116,18 +117,21 @@ def answer_chunks(endpoint: Endpoint, chunks: Sequence[Chunk]) -> int:
     for chunk in chunks:
         if chunk.usage_only:
             continue
-        for choice in orjson.loads(chunk.data).get("choices") or ():
-            text = (choice.get("delta") or {}).get("content") if endpoint is Endpoint.CHAT \
-                else choice.get("text")
-            count += bool(text)
+        count += sum(bool(_delta_text(endpoint, choice))
+                     for choice in orjson.loads(chunk.data).get("choices") or ())
     return count
+
+
+def _delta_text(endpoint: Endpoint, choice: dict[str, Any]) -> str:
+    """A streamed choice's new text."""
+    if endpoint is Endpoint.CHAT:
+        return str((choice.get("delta") or {}).get("content") or "")
+    return str(choice.get("text") or "")
 
 
 def stream_view(endpoint: Endpoint, body: dict[str, Any], chunk: Chunk) -> Chunk:
     """A stage's chunk as the client asked for it: logprobs only if it asked for them."""
-    asked = bool(body.get("logprobs")) if endpoint is Endpoint.CHAT \
-        else body.get("logprobs") is not None
-    if asked or chunk.usage_only:
+    if _asks_logprobs(endpoint, body) or chunk.usage_only:
         return chunk
     data = orjson.loads(chunk.data)
     for choice in data.get("choices", []):
@@ -182,9 +186,7 @@ def logprob_content(endpoint: Endpoint, answer: dict[str, Any]) -> list[dict[str
 def client_view(endpoint: Endpoint, body: dict[str, Any], answer: dict[str, Any]
                 ) -> dict[str, Any]:
     """The answer as the client asked for it: logprobs only if it asked for them."""
-    asked = bool(body.get("logprobs")) if endpoint is Endpoint.CHAT \
-        else body.get("logprobs") is not None
-    if not asked:
+    if not _asks_logprobs(endpoint, body):
         for choice in answer.get("choices", []):
             choice["logprobs"] = None
     return answer
@@ -217,3 +219,9 @@ def as_event_stream(endpoint: Endpoint, answer: dict[str, Any], include_usage: b
     if include_usage and answer.get("usage"):
         chunks.append({**base, "choices": [], "usage": answer["usage"]})
     return b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+
+def _asks_logprobs(endpoint: Endpoint, body: dict[str, Any]) -> bool:
+    """Whether the client itself asked for logprobs (a stage always does)."""
+    return bool(body.get("logprobs")) if endpoint is Endpoint.CHAT \
+        else body.get("logprobs") is not None

@@ -136,13 +136,10 @@ class GreenRoute:
         endpoint = exchange.endpoint
         streamed = await exchange.open_stream(tier, backend,
                                               cascade.first_token_body(endpoint, exchange.body))
-        # until the first token's logprobs, or the first text without any (a backend that
-        # ignores `logprobs`: the answer cannot be judged, so it is not kept)
         held = await exchange.read_until(
-            streamed, lambda chunks: cascade.first_token_logprobs(endpoint, chunks) is not None
-            or cascade.answer_chunks(endpoint, chunks) > 0)
-        keep, confidence = self.router.keep(decision, tier,
-                                            cascade.first_token_logprobs(endpoint, held))
+            streamed, lambda chunks: cascade.first_token(endpoint, chunks)[0])
+        _, logprobs = cascade.first_token(endpoint, held)  # None: not judged, so not kept
+        keep, confidence = self.router.keep(decision, tier, logprobs)
         if confidence is not None:
             exchange.headers[h.CONFIDENCE] = f"{confidence:.4f}"
         if not keep:
