@@ -294,6 +294,7 @@ class _Generation:
         self.entries: list[_Entry] = []
         self._attached = 0
         self._step: tuple[np.ndarray, float] | None = None
+        self._cached: np.ndarray | None = None  # the KV cache's tokens when the worker began
 
     def logits_processors(self) -> list[Callable[[Any, np.ndarray], np.ndarray]] | None:
         return [self._observe_logits] if self.logprobs is not None else None
@@ -306,7 +307,23 @@ class _Generation:
 
     def begin(self) -> None:
         if self.track is not None:
+            llm = self._backend._llm
+            self._cached = np.array(llm.input_ids[:llm.n_tokens]) if llm is not None else None
             self.track.begin()
+
+    def _evaluated(self, prompt: int) -> int:
+        """How many of the prompt's tokens prefill computed: llama.cpp reuses the longest
+        prefix the KV cache shares with the previous sequence (as Llama.generate matches it), so
+        a repeated system prompt or the agreement signal's next sample costs only its rest.
+        Usage still counts the whole prompt; the energy weights count what was computed."""
+        llm = self._backend._llm
+        if self._cached is None or llm is None:
+            return prompt
+        new = np.asarray(llm.input_ids[:prompt])
+        size = min(self._cached.size, new.size)
+        same = self._cached[:size] == new[:size]
+        shared = size if bool(same.all()) else int(np.argmin(same))
+        return max(prompt - shared, 1)
 
     def end(self) -> None:
         if self.track is not None:
@@ -316,15 +333,19 @@ class _Generation:
         if self.cancel.is_set():
             raise GenerationCancelled
         llm = self._backend._llm
+        prefilled = 0
         if self.prompt_tokens == 0:
             self.prompt_tokens = llm.n_tokens  # the whole prompt is evaluated before the 1st sample
-            if self.track is not None:
-                self.track.tokens(0, prompt=self.prompt_tokens)
+            prefilled = self._evaluated(self.prompt_tokens)
+        # The first token's logits come out of the prefill pass itself, so it is reported with
+        # the prompt and spread over the prefill's time (not as an instant after it).
         if _is_end_of_generation(llm, token):
+            if prefilled and self.track is not None:
+                self.track.tokens(0, prompt=prefilled)
             return
         self.completion_tokens += 1
         if self.track is not None:
-            self.track.tokens(1)
+            self.track.tokens(1, prompt=prefilled)
         if self._step is not None:
             values, log_z = self._step
             top: list[tuple[int, float]] = []

@@ -444,13 +444,19 @@ def test_a_slow_counter_holds_intervals_until_it_steps_past_them() -> None:
 
 # -- cost-weighted shares: two tiers on one device --------------------------------------------
 
-COSTS = {"small": (0.01, 0.10), "large": (0.05, 0.42)}  # true J per prompt, generated token
+# true J per prompt token, per generated token, and per prefill pass whatever its length
+COSTS = {"small": (0.01, 0.10, 0.0), "large": (0.05, 0.42, 0.0)}
+PASS_COSTS = {"small": (0.01, 0.10, 0.25), "large": (0.05, 0.42, 1.6)}
 
 
-def test_concurrent_tiers_get_their_solo_joules_per_token() -> None:
+@pytest.mark.parametrize("costs", [COSTS, PASS_COSTS], ids=["per-token", "with-prefill-pass"])
+def test_concurrent_tiers_get_their_solo_joules_per_token(
+        costs: dict[str, tuple[float, float, float]]) -> None:
     """A faithful fake of two embedded models on one CPU: the counter (CPU time x watts, so no
-    idle draw) rises by each token's true cost as it is processed. After solo requests of each
-    tier, concurrent ones are charged what each tier's tokens cost alone."""
+    idle draw) rises by each token's true cost as it is processed, and by a fixed cost per
+    prefill pass where there is one (a short cached prompt's prefill is not free on a CPU).
+    After solo requests of each tier, concurrent ones are charged what each tier's tokens
+    cost alone."""
     from greenroute.backends.energy.costs import TokenCosts
 
     clock = Clock()
@@ -461,20 +467,27 @@ def test_concurrent_tiers_get_their_solo_joules_per_token() -> None:
 
     def run(tiers: list[str], start: float, prompt: int, generated: int, rate: dict[str, int]
             ) -> float:
+        """Each tier works like a thread on its own core: a steady `rate x c_g` joules per 0.1 s
+        step, its prefill taking as many steps as its cost needs, then `rate` tokens a step."""
         tracks = {tier: dev.track(tier, tier=tier) for tier in tiers}
         clock.t = start
         for track in tracks.values():
             track.begin()
+        prefill = {tier: costs[tier][2] + prompt * costs[tier][0] for tier in tiers}
         left = dict.fromkeys(tiers, generated)
         step = 0
         while any(left.values()):
             step += 1
             clock.t = start + step / 10
             for tier, track in tracks.items():
-                cp, cg = COSTS[tier]
-                if step == 1:
-                    meter.bursts.append((clock.t, prompt * cp))
-                    track.tokens(0, prompt=prompt)
+                cg = costs[tier][1]
+                power = rate[tier] * cg
+                if prefill[tier] > 0:
+                    used = min(power, prefill[tier])
+                    prefill[tier] -= used
+                    meter.bursts.append((clock.t, used))
+                    if prefill[tier] <= 0:
+                        track.tokens(0, prompt=prompt)
                 elif left[tier]:
                     n = min(rate[tier], left[tier])
                     left[tier] -= n
@@ -492,10 +505,10 @@ def test_concurrent_tiers_get_their_solo_joules_per_token() -> None:
 
     t = 0.0
     for i in range(6):  # solo: each tier alone, prompts of different lengths
-        t = run(["small"], t, 20 + 10 * i, 30, {"small": 4, "large": 1})
-        t = run(["large"], t, 20 + 10 * i, 30, {"small": 4, "large": 1})
+        t = run(["small"], t, 5 + 10 * i, 30, {"small": 4, "large": 1})
+        t = run(["large"], t, 5 + 10 * i, 30, {"small": 4, "large": 1})
     for i in range(6):  # concurrent
-        t = run(["small", "large"], t, 20 + 10 * i, 30, {"small": 4, "large": 1})
+        t = run(["small", "large"], t, 5 + 10 * i, 30, {"small": 4, "large": 1})
     dev.close()
 
     def jpt(key: str, last: int = 6) -> float:

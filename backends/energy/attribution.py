@@ -35,14 +35,16 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from greenroute.backends.energy.costs import TokenCosts
 from greenroute.backends.energy.meter import Meter, MeterError
 from greenroute.backends.energy.server_tokens import ServerCount, ServerTokens
 
 log = logging.getLogger("greenroute.energy")
+_Key = TypeVar("_Key")  # what a weight table is keyed by: a track, or a tier
 
 Clock = Callable[[], float]
 CARRY_DECAY = 0.9  # per interval: a carried token is forgotten within a couple of seconds
@@ -94,7 +96,8 @@ class Interval:
     t1: float
     joules: float
     counter1: float  # the meter's reading at t1
-    # [prompt, generated] tokens each track processed within [t0, t1]
+    # [prompt, generated, prefills] each track processed within [t0, t1]: tokens, and the
+    # share of its prefill passes (a pass has a fixed cost besides its tokens, costs.py)
     weights: dict[Track, list[float]] = field(default_factory=dict)
     # with server counters: tier -> (prompt, generated) tokens its server processed, for all
     # its clients, and the most requests it had running at either end
@@ -195,7 +198,8 @@ class Device:
                 return
             now = self._clock()
             at = now if at is None else min(max(at, track.mark), now)
-            self._spread(track, (prompt, generated), track.mark, at)
+            # a report with prompt tokens is the prefill pass that computed them
+            self._spread(track, (prompt, generated, 1.0 if prompt > 0 else 0.0), track.mark, at)
             track.mark = at
 
     def _end(self, track: Track, at: float | None, only_unbegun: bool = False) -> None:
@@ -340,8 +344,8 @@ class Device:
     def _uncut(self, interval: Interval) -> None:
         """A cut whose readings failed: its tokens rejoin the open interval."""
         self._pending.remove(interval)
-        for track, (prompt, generated) in self._open_weights.items():
-            _add(interval.weights, track, (prompt, generated), 1.0)
+        for track, counts in self._open_weights.items():
+            _add(interval.weights, track, counts, 1.0)
         self._open_t0, self._open_weights = interval.t0, interval.weights
 
     def _fill(self, interval: Interval, reading: float,
@@ -410,8 +414,8 @@ class Device:
 
     # -- splitting ----------------------------------------------------------------------------
 
-    def _spread(self, track: Track, n: tuple[float, float], a: float, b: float) -> None:
-        """Add (prompt, generated) tokens, processed uniformly over (a, b], to the intervals
+    def _spread(self, track: Track, n: Sequence[float], a: float, b: float) -> None:
+        """Add (prompt, generated, prefills), processed uniformly over (a, b], to the intervals
         that cover it."""
         if b <= a:
             target = self._open_weights if b >= self._open_t0 else next(
@@ -429,13 +433,17 @@ class Device:
             if overlap > 0:
                 _add(interval.weights, track, n, overlap / length)
 
-    def _weights(self, interval: Interval, among: Mapping[Track, object]) -> dict[Track, float]:
-        """Each track's tokens in the interval, weighted by what a token of its tier costs."""
+    def _weights(self, interval: Interval, among: Mapping[Track, object],
+                 prefills: bool = True) -> dict[Track, float]:
+        """Each track's tokens in the interval, weighted by what a token of its tier costs
+        (and its prefill passes, unless compared with a server's token counts, which have
+        none)."""
         weights = {}
-        for track, (prompt, generated) in interval.weights.items():
+        for track, (prompt, generated, passes) in interval.weights.items():
             if track in among and prompt + generated > 0:
-                cost_p, cost_g = self.costs.cost(track.tier)
-                weights[track] = prompt * cost_p + generated * cost_g
+                cost = self.costs.cost(track.tier)
+                weights[track] = prompt * cost.prompt + generated * cost.generated \
+                    + (passes * cost.prefill if prefills else 0.0)
         return weights
 
     def _split(self, interval: Interval,
@@ -480,11 +488,12 @@ class Device:
         assert interval.server is not None
         served = 0.0
         for tier, (prompt, generated) in interval.server.items():
-            cost_p, cost_g = self.costs.cost(tier)
-            served += prompt * cost_p + generated * cost_g
+            # a server counts tokens, not prefill passes: their fixed cost is not weighed here
+            cost = self.costs.cost(tier)
+            served += prompt * cost.prompt + generated * cost.generated
         carry = self._carry
         if served > 0:
-            weights = self._weights(interval, spans)
+            weights = self._weights(interval, spans, prefills=False)
             own = sum(weights.values())
             if own >= served:
                 mine, carry = energy, carry + own - served
@@ -562,13 +571,12 @@ class Device:
                 self.costs.observe(tier, prompt, generated, interval.joules)
             return
         tiers: dict[str, list[float]] = {}
-        for track, (prompt, generated) in interval.weights.items():
-            sums = tiers.setdefault(track.tier, [0.0, 0.0])
-            sums[0] += prompt
-            sums[1] += generated
+        for track, counts in interval.weights.items():
+            _add(tiers, track.tier, counts, 1.0)
         if len(tiers) == 1:
-            ((tier, (prompt, generated)),) = tiers.items()
-            self.costs.observe(tier, prompt, generated, interval.joules - unattributable)
+            ((tier, (prompt, generated, prefills)),) = tiers.items()
+            self.costs.observe(tier, prompt, generated, interval.joules - unattributable,
+                               prefills)
 
     # -- periods ------------------------------------------------------------------------------
 
@@ -593,11 +601,11 @@ class Device:
                     log.exception("energy callback failed for %s", track.label)
 
 
-def _add(weights: dict[Track, list[float]], track: Track, n: tuple[float, float],
+def _add(weights: dict[_Key, list[float]], key: _Key, n: Sequence[float],
          fraction: float) -> None:
-    sums = weights.setdefault(track, [0.0, 0.0])
-    sums[0] += n[0] * fraction
-    sums[1] += n[1] * fraction
+    sums = weights.setdefault(key, [0.0, 0.0, 0.0])
+    for i, value in enumerate(n):
+        sums[i] += value * fraction
 
 
 def _union_length(spans: object) -> float:
