@@ -24,7 +24,8 @@ from greenroute.gateway.carbon import (
     load,
 )
 
-SAMPLE = Path(__file__).parent / "data" / "grid_intensity_synthetic.csv"
+# real: Electricity Maps, Great Britain, first week of 2022 (tests/data/*.md says where from)
+SAMPLE = Path(__file__).parent / "data" / "grid_intensity_gb_2022w1_electricitymaps.csv"
 ESTIMATE = {"kind": "estimate"}  # joules from this process's CPU time: every row is metered
 
 
@@ -32,17 +33,17 @@ def _utc(text: str) -> datetime:
     return datetime.fromisoformat(text).replace(tzinfo=UTC)
 
 
-def test_the_sample_in_electricity_maps_columns_reads_as_a_step_per_hour() -> None:
+def test_a_real_electricity_maps_export_reads_as_a_step_per_hour() -> None:
     series = load(SAMPLE)
-    assert len(series.times) == 48
-    noon, evening = _utc("2024-06-03 12:30:00"), _utc("2024-06-03 19:10:00")
-    assert series.at(noon) == pytest.approx(210.0)  # the direct column, not the LCA one
-    assert series.at(_utc("2024-06-03 12:00:00")) == series.at(noon)  # the hour's value
-    assert series.at(evening) > 2 * series.at(noon)
-    assert series.at(_utc("2020-01-01 00:00:00")) == series.values[0]  # before: the first
+    assert len(series.times) == 168
+    windy, still = _utc("2022-01-01 10:30:00"), _utc("2022-01-05 20:10:00")
+    assert series.at(windy) == pytest.approx(37.95)  # the direct column, not the LCA one
+    assert series.at(_utc("2022-01-01 10:00:00")) == series.at(windy)  # the hour's value
+    assert series.at(still) == pytest.approx(194.77)  # the week's highest hour: 5.1x the lowest
+    assert series.at(_utc("2020-01-01 00:00:00")) == pytest.approx(53.62)  # before: the first
     assert series.at(_utc("2030-01-01 00:00:00")) == series.values[-1]  # after: the last
     joules = 3.6e6  # one kWh
-    assert series.gco2(joules, evening) == pytest.approx(series.at(evening))
+    assert series.gco2(joules, still) == pytest.approx(194.77)
 
 
 def test_json_lists_and_vendor_answers(tmp_path: Path) -> None:
