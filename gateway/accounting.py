@@ -65,7 +65,7 @@ class Attempt:
     """One model tried for a request, and its track on that model's device (if metered)."""
 
     __slots__ = ("tier", "model_id", "track", "self_reporting", "usage", "first_output",
-                 "answered", "relayed", "_done")
+                 "answered", "answer_chunks", "_done")
 
     def __init__(self, tier: str, backend: Backend, track: Track | None) -> None:
         self.tier = tier
@@ -76,15 +76,17 @@ class Attempt:
         self.usage: Usage | None = None
         self.first_output: float | None = None
         self.answered = False
-        self.relayed = 0  # answer chunks of its stream relayed to the client
+        # answer chunks of its stream seen: relayed to the client, or read before the
+        # stream was dropped (a cascade stage judged on its first token)
+        self.answer_chunks = 0
         self._done = False
 
     def completion_tokens(self) -> int | None:
         """Its usage's, else for a stream cut before its usage chunk (client gone, shutdown)
-        the chunks relayed so far: about one token each from vLLM and llama.cpp."""
+        the answer chunks seen so far: about one token each from vLLM and llama.cpp."""
         if self.usage is not None:
             return self.usage.completion_tokens
-        return self.relayed or None
+        return self.answer_chunks or None
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -330,7 +332,7 @@ class StreamAccounting:
         self.texts: list[str] | None = [] if record.store_text else None  # store_text only
 
     def relayed(self, chunk: Chunk) -> None:
-        self.attempt.relayed += 1
+        self.attempt.answer_chunks += 1
         if self.texts is not None:
             text = _chunk_text(chunk.data)
             if text:

@@ -142,7 +142,7 @@ class Exchange:
         keeps the energy it spent and its tokens (the usage, if it came with the chunks read,
         else about one token per answer chunk)."""
         await streamed.rest.aclose()
-        streamed.attempt.relayed = cascade.answer_chunks(self.endpoint, held)
+        streamed.attempt.answer_chunks = cascade.answer_chunks(self.endpoint, held)
         streamed.attempt.done(next((c.usage for c in held if c.usage is not None), None))
 
     def respond(self, answer: Answer) -> Response:

@@ -100,6 +100,14 @@ class RouterService:
         self.router = router
         self.policy = router.policy
         self.inline = isinstance(router.encoder, StaticEncoder)
+        # per stage, what its confidence model reads: fixed by the artifact, so read once here
+        # (the largest tier is no stage: nothing judges its answer)
+        self._signals: dict[str, tuple[str, ...]] = {self.policy.tiers[-1]: ()}
+        self._first_token: dict[str, bool] = {self.policy.tiers[-1]: False}
+        for tier, step in zip(self.policy.tiers[:-1], self.policy.steps, strict=True):
+            model = step.confidence
+            self._signals[tier] = model.signals if model is not None else ()
+            self._first_token[tier] = model is not None and set(model.inputs) <= set(FIRST_TOKEN)
         self._queue: queue.Queue[tuple[str, asyncio.Future[np.ndarray],
                                        asyncio.AbstractEventLoop] | None] = queue.Queue()
         self._worker: threading.Thread | None = None
@@ -133,14 +141,12 @@ class RouterService:
     def signals(self, tier: str) -> tuple[str, ...]:
         """The extra signals (routers/features.py: SIGNALS) a stage's confidence model reads,
         which the gateway gathers before judging the stage's answer."""
-        step = self.policy.steps[self.policy.tiers.index(tier)]
-        return step.confidence.signals if step.confidence is not None else ()
+        return self._signals[tier]
 
     def judges_first_token(self, tier: str) -> bool:
         """Whether a stage's confidence model reads only its first token (FIRST_TOKEN), so a
         streaming client can be answered live once that token is judged."""
-        step = self.policy.steps[self.policy.tiers.index(tier)]
-        return step.confidence is not None and set(step.confidence.inputs) <= set(FIRST_TOKEN)
+        return self._first_token[tier]
 
     def keep(self, decision: Decision, tier: str, logprobs: list[dict[str, Any]] | None,
              signals: Mapping[str, float] | None = None) -> tuple[bool, float | None]:
