@@ -131,8 +131,18 @@ class LlamaCppBackend:
                                  "choices (n)", param="n")
         seed = body.get("seed")
         seed = random.randrange(2**31) if seed is None else int(seed)
-        results = [orjson.loads((await self.create(endpoint, {**body, "n": 1, "seed": seed + i}
-                                                   )).body) for i in range(n)]
+        # One request, one track: each sample's generation would end it after the first, and
+        # the track ignores what comes after its end (the other samples' tokens and joules).
+        track = current_track.get()
+        held = current_track.set(_HeldOpen(track) if track is not None else None)
+        try:
+            results = [orjson.loads((await self.create(endpoint, {**body, "n": 1,
+                                                                  "seed": seed + i})).body)
+                       for i in range(n)]
+        finally:
+            current_track.reset(held)
+            if track is not None:
+                track.end()
         merged: dict[str, Any] = results[0]
         merged["choices"] = [{**r["choices"][0], "index": i} for i, r in enumerate(results)]
         prompt = int(merged["usage"]["prompt_tokens"])
@@ -278,6 +288,23 @@ class LlamaCppBackend:
             self._active = None
             generation.end()
             put(_END)
+
+
+class _HeldOpen:
+    """A request's track, passed to each of its `n` samples' generations: begun by the first,
+    fed by all, ended by none (the request ends it after the last)."""
+
+    def __init__(self, track: Progress) -> None:
+        self._track = track
+
+    def begin(self) -> None:
+        self._track.begin()
+
+    def tokens(self, n: float, at: float | None = None, prompt: float = 0.0) -> None:
+        self._track.tokens(n, at, prompt)
+
+    def end(self, at: float | None = None) -> None:
+        pass
 
 
 class _Generation:

@@ -61,3 +61,40 @@ def test_prefill_reports_the_prompt_tokens_it_computed(tiny_weights: Path) -> No
     # another question shares only the chat template's opening (SmolLM2's default system
     # prompt) with the one before: more is computed than after a one-letter change
     assert second.reports[0][1] + 5 < third.reports[0][1] < third_p
+
+
+class Ends(Recorder):
+    """A Progress that also records when it was ended, among its reports."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def tokens(self, n: float, at: float | None = None, prompt: float = 0.0) -> None:
+        super().tokens(n, at, prompt)
+        self.events.append("tokens")
+
+    def end(self, at: float | None = None) -> None:
+        self.events.append("end")
+
+
+def test_n_samples_report_to_one_track_ended_after_the_last(tiny_weights: Path) -> None:
+    """The agreement signal's `n` samples are one request: every sample's tokens reach its
+    track, which ends once, after them (ended after the first, the others' joules were lost)."""
+    async def run() -> tuple[int, Ends]:
+        backend = LlamaCppBackend("tiny", tiny_weights, "smollm2", threads=1, context=512)
+        await backend.start()
+        try:
+            recorder = Ends()
+            current_track.set(recorder)
+            completion = await backend.create(Endpoint.CHAT, {
+                **_ask("Name a fruit."), "n": 3, "temperature": 0.7, "seed": 1})
+            assert completion.usage is not None
+            return completion.usage.completion_tokens, recorder
+        finally:
+            await backend.aclose()
+
+    completion_tokens, recorder = asyncio.run(run())
+    assert sum(n for n, _ in recorder.reports) == completion_tokens
+    assert recorder.events.count("end") == 1 and recorder.events[-1] == "end"
+    assert sum(1 for _, p in recorder.reports if p > 0) == 3  # one prefill pass per sample
