@@ -136,9 +136,16 @@ class GreenRoute:
         endpoint = exchange.endpoint
         streamed = await exchange.open_stream(tier, backend,
                                               cascade.first_token_body(endpoint, exchange.body))
-        held = await exchange.read_until(
-            streamed, lambda chunks: cascade.first_token(endpoint, chunks)[0])
-        _, logprobs = cascade.first_token(endpoint, held)  # None: not judged, so not kept
+        found: list[list[dict[str, Any]] | None] = []  # the first token's logprobs, once seen
+
+        def judged(chunks: Sequence[Chunk]) -> bool:
+            seen, logprobs = cascade.first_token(endpoint, chunks)
+            if seen:
+                found.append(logprobs)
+            return seen
+
+        held = await exchange.read_until(streamed, judged)
+        logprobs = found[0] if found else None  # None: not judged, so not kept
         keep, confidence = self.router.keep(decision, tier, logprobs)
         if confidence is not None:
             exchange.headers[h.CONFIDENCE] = f"{confidence:.4f}"

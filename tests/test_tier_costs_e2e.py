@@ -131,5 +131,5 @@ def test_concurrent_embedded_tiers_keep_their_solo_joules_per_token(tmp_path: Pa
         # really do cost 0-25% more CPU time per token (their threads' own clocks say so:
         # shared cache and memory bandwidth), which the split rightly passes on; a
         # neighbour's burst adds to it (docs/energy.md, *Cost-weighted shares*). Within 15%
-        # in 17 of 20 tier-runs, at most +19.5%; the bound leaves a loaded CI machine room.
+        # in 17 of 20 tier-runs, up to +22.3% seen; the bound leaves a loaded CI machine room.
         assert shared == pytest.approx(alone, rel=0.35)
