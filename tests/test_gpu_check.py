@@ -47,6 +47,17 @@ def test_conservation_error() -> None:
     assert check.conservation_error(0.0, 0.0, 0.0, 0.0) == 0.0
 
 
+def test_the_counter_period_is_read_from_the_changes_alone() -> None:
+    probe = _bench("nvml_counter_period")
+    # a counter read every 10 ms that steps by 50 J every 100 ms: 500 W
+    changes = [(1.0 + 0.1 * k, 1_000_000 + 50_000 * k) for k in range(11)]
+    line = probe.summary(probe.Phase("load", reads=100, seconds=1.0, changes=changes))
+    assert "10 changes" in line and "median 100.0 ms" in line
+    assert "median step 50,000 mJ" in line and "500.0 W" in line
+    few = probe.summary(probe.Phase("idle", reads=5, seconds=1.0, changes=changes[:2]))
+    assert "too few to time" in few
+
+
 @pytest.fixture
 def no_gpu() -> None:
     torch = pytest.importorskip("torch")
@@ -56,6 +67,7 @@ def no_gpu() -> None:
 
 @pytest.mark.usefixtures("no_gpu")
 @pytest.mark.parametrize("command", [
+    [sys.executable, "bench/nvml_counter_period.py", "--seconds", "1"],
     [sys.executable, "bench/nvml_check.py", "--seconds", "1"],
     [sys.executable, "bench/gpu_attribution_check.py", "--seconds", "1"],
     ["bash", "bench/gpu_check.sh"],

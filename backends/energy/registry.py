@@ -40,8 +40,9 @@ class MeterConfig(BaseModel):
     timeout_s: float = Field(default=2.0, gt=0)
     # How often the counter itself updates, in seconds; > 0 turns on slow-counter handling
     # (each step spread over the time since the previous one). DCGM exporter: 30 (its -c 30000).
-    # 0: every reading is fresh. Unset: prometheus learns it from the counter's steps (a DCGM
-    # exporter at its defaults works as is); the local meters are fresh.
+    # 0: every reading is fresh. Unset: prometheus and nvml learn it from the counter's steps
+    # (a DCGM exporter at its defaults works as is; NVML's counter steps every ~100 ms); rapl
+    # and estimate are fresh.
     update_s: float | None = Field(default=None, ge=0)
     # prometheus on a vLLM tier: where to read the server's token counters, the denominator
     # shared with its other clients. "auto": the tier's url without /v1, plus /metrics; "off";
@@ -72,6 +73,9 @@ class MeterKind(abc.ABC):
 
     # MeterConfig fields this kind cannot do without, with what each one is.
     requires: ClassVar[dict[str, str]] = {}
+    # True: the counter may step less often than the sampler reads it, so with `update_s`
+    # unset its period is learned from its steps (docs/energy.md, "Slow counters").
+    steps_slowly: ClassVar[bool] = False
 
     def check(self, config: MeterConfig) -> None:
         """Raise ValueError naming the first required field the config leaves empty."""
@@ -98,6 +102,7 @@ class EstimateKind(MeterKind):
 
 class NvmlKind(MeterKind):
     requires: ClassVar[dict[str, str]] = {"gpus": "NVML indices"}
+    steps_slowly = True  # an H200's counter stepped every 100 ms (docs/energy.md)
 
     def open(self, config: MeterConfig) -> Meter:
         return NvmlMeter(config.gpus)
@@ -108,6 +113,7 @@ class NvmlKind(MeterKind):
 
 class PrometheusKind(MeterKind):
     requires: ClassVar[dict[str, str]] = {"url": "the exporter's metrics URL"}
+    steps_slowly = True  # DCGM exporter: every 30 s at its defaults
 
     def open(self, config: MeterConfig) -> Meter:
         assert config.url  # required by check()

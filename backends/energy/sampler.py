@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from greenroute.backends.energy.attribution import Device, PeriodEnergy, Track
 from greenroute.backends.energy.costs import TokenCosts
 from greenroute.backends.energy.meter import MeterError
-from greenroute.backends.energy.registry import MeterConfig
+from greenroute.backends.energy.registry import METERS, MeterConfig
 from greenroute.backends.energy.select import meter_config, shared_meters
 from greenroute.backends.energy.server_tokens import ServerTokens, metrics_url
 from greenroute.backends.registry import TierConfig
@@ -129,9 +129,10 @@ class Fleet:
 
 def _update_s(meter: MeterConfig | None) -> float | None:
     """The counter's update period for its Device: as configured, else learned (None) for a
-    remote exporter, whose counter may step every 30 s, and 0 (fresh) for the local meters."""
+    kind whose counter steps (a DCGM exporter every 30 s, NVML every ~100 ms), else 0."""
     if meter is None:
         return 0.0
     if meter.update_s is not None:
         return meter.update_s
-    return None if meter.kind == "prometheus" else 0.0
+    kind = METERS.get(meter.kind)
+    return None if kind is not None and kind.steps_slowly else 0.0

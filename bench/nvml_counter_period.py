@@ -1,0 +1,126 @@
+"""How often a GPU's NVML energy counter moves: the update period a slow-counter setting needs.
+
+    python bench/nvml_counter_period.py --gpu 0 --seconds 5
+
+Polls `nvmlDeviceGetTotalEnergyConsumption` as fast as the driver answers, first idle and then
+under an fp16 matmul load, and prints, per phase, how many reads it made, the intervals between
+two reads that saw the counter change (median, 10th and 90th percentile, in ms), the median
+step (mJ) and the mean power. The sampler reads a meter every 100 ms by default: a counter that
+moves much less often than that needs `update_period_s` on its meter (docs/energy.md, "Slow
+counters"). Exit 2 without torch, a CUDA GPU or NVML. bench/gpu_check.sh runs it first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Phase:
+    """One polling phase: reads made, times (s) and counter values (mJ) where it changed."""
+
+    name: str
+    reads: int
+    seconds: float
+    changes: list[tuple[float, int]]
+
+
+def poll(read_mj: Callable[[], int], seconds: float, name: str) -> Phase:
+    """Read the counter back to back for `seconds`, keeping each read that saw a change."""
+    reads, start = 0, time.monotonic()
+    last = read_mj()
+    changes = [(start, last)]
+    while (now := time.monotonic()) - start < seconds:
+        value = read_mj()
+        reads += 1
+        if value != last:
+            changes.append((now, value))
+            last = value
+    return Phase(name, reads, time.monotonic() - start, changes)
+
+
+def summary(phase: Phase) -> str:
+    """One line: read rate, change intervals (ms), median step (mJ), mean power (W)."""
+    times = [t for t, _ in phase.changes]
+    values = [v for _, v in phase.changes]
+    gaps = [(b - a) * 1000 for a, b in zip(times, times[1:], strict=False)]
+    steps = [b - a for a, b in zip(values, values[1:], strict=False)]
+    power = (values[-1] - values[0]) / 1000 / (times[-1] - times[0]) if len(times) > 1 else 0.0
+    if len(gaps) < 3:
+        return (f"{phase.name}: {phase.reads} reads in {phase.seconds:.1f} s, "
+                f"{len(gaps)} changes: too few to time")
+    deciles = statistics.quantiles(gaps, n=10)
+    return (f"{phase.name}: {phase.reads} reads in {phase.seconds:.1f} s "
+            f"({phase.reads / phase.seconds:,.0f}/s), {len(gaps)} changes; interval between "
+            f"changes p10 {deciles[0]:.1f} ms, median {statistics.median(gaps):.1f} ms, p90 "
+            f"{deciles[-1]:.1f} ms; median step {statistics.median(steps):,.0f} mJ; mean power "
+            f"over the changes {power:.1f} W")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", type=int, default=0)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per phase (default 5)")
+    args = parser.parse_args(argv)
+    try:
+        import torch
+    except ImportError:
+        print("nvml_counter_period: torch is not installed; this check needs a CUDA GPU host",
+              file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available() or args.gpu >= torch.cuda.device_count():
+        print(f"nvml_counter_period: no CUDA GPU {args.gpu} here; run it on a GPU host",
+              file=sys.stderr)
+        return 2
+    try:
+        import pynvml  # type: ignore[import-untyped]
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(args.gpu)
+        pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+    except ImportError:
+        print("nvml_counter_period: nvidia-ml-py is not installed (pip install "
+              "'greenroute[gpu]')", file=sys.stderr)
+        return 2
+    except pynvml.NVMLError as exc:
+        print(f"nvml_counter_period: NVML: {exc}", file=sys.stderr)
+        return 2
+
+    def read_mj() -> int:
+        return int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))
+
+    print(f"GPU {args.gpu}: {pynvml.nvmlDeviceGetName(handle)}, driver "
+          f"{pynvml.nvmlSystemGetDriverVersion()}, power limit "
+          f"{pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000:.0f} W")
+    print(summary(poll(read_mj, args.seconds, "idle")))
+    device = torch.device(f"cuda:{args.gpu}")
+    a = torch.randn(8192, 8192, device=device, dtype=torch.float16)
+    stop = threading.Event()
+
+    def load(x: Any = a) -> None:
+        while not stop.is_set():
+            for _ in range(10):
+                x = (x @ x).clamp_(-1, 1)
+            torch.cuda.synchronize(device)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    time.sleep(1.0)  # past the clocks' ramp
+    try:
+        print(summary(poll(read_mj, args.seconds, "load")))
+    finally:
+        stop.set()
+        worker.join()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
