@@ -27,7 +27,7 @@ from greenroute.backends.energy.progress import current_track
 from greenroute.backends.energy.sampler import Fleet
 from greenroute.gateway import headers as h
 from greenroute.gateway.carbon import GridIntensity
-from greenroute.gateway.ledger.writer import LedgerWriter
+from greenroute.gateway.ledger.writer import Item, LedgerWriter
 
 # Status for a client that left before its answer (nginx's convention); never seen by the client.
 CLIENT_CLOSED_REQUEST = 499
@@ -49,14 +49,20 @@ class Accounting:
     def open(self, request_id: str, endpoint: str) -> RequestRecord:
         return RequestRecord(self, request_id, endpoint)
 
-    def spool(self, record: RequestRecord) -> None:
-        """The record's rows as they stand, kept past a crash (gateway/ledger/spool.py)."""
-        if self.writer is not None and self.writer.spool is not None:
-            self.writer.spool_rows(record.id, record.rows())
+    @property
+    def spooling(self) -> bool:
+        return self.writer is not None and self.writer.spool is not None
 
-    def submit(self, record: RequestRecord) -> None:
+    def spool(self, record: RequestRecord, rows: list[Item]) -> None:
+        """The record's rows as they stand, kept past a crash (gateway/ledger/spool.py)."""
         if self.writer is not None:
-            self.writer.put_many(record.rows())
+            self.writer.spool_rows(record.id, rows)
+
+    def submit(self, record: RequestRecord, rows: list[Item] | None = None) -> None:
+        """The record's final rows (`rows` if already built from final energy) to the ledger,
+        and the record to the observers."""
+        if self.writer is not None:
+            self.writer.put_many(rows if rows is not None else record.rows())
         for observe in self.observers:
             observe(record)
 
@@ -221,7 +227,8 @@ class RequestRecord:
         self._spooled = True
         self.latency_ms = (time.perf_counter() - self.started) * 1000
         self.status, self.error = status, code
-        self.accounting.spool(self)
+        if self.accounting.spooling:
+            self.accounting.spool(self, self.rows())
 
     def _energy(self, headers: dict[str, str]) -> float | None:
         """The energy so far, also put in `headers` (None: no model tried is metered)."""
@@ -243,14 +250,20 @@ class RequestRecord:
             self.attempts[-1].answered = True  # a stream: the last model tried answered
         for attempt in self.attempts:
             attempt.done(None)
-        if not self._spooled:  # before the answer or error goes out (streams: acknowledge)
-            self._spooled = True
-            self.accounting.spool(self)
+        rows = None  # built once when the spool's rows are already final (nothing to wait for)
+        if not self._spooled and self.accounting.spooling:  # before the answer or error goes
+            self._spooled = True  # out (streams: acknowledge)
+            with self._lock:
+                final = self._waiting == 0
+            rows = self.rows()
+            self.accounting.spool(self, rows)
+            if not final:
+                rows = None
         with self._lock:
             self._finished = True
             ready = self._waiting == 0
         if ready:
-            self._submit()
+            self._submit(rows)
 
     def joules(self) -> float | None:
         """The energy of every model tried, as known now (None: none of them is metered)."""
@@ -268,16 +281,16 @@ class RequestRecord:
         if ready:
             self._submit()
 
-    def _submit(self) -> None:
+    def _submit(self, rows: list[Item] | None = None) -> None:
         with self._lock:
             if self._submitted:
                 return
             self._submitted = True
-        self.accounting.submit(self)
+        self.accounting.submit(self, rows)
 
     # -- the rows -----------------------------------------------------------------------------
 
-    def rows(self) -> list[tuple[str, dict[str, Any]]]:
+    def rows(self) -> list[Item]:
         answer = next((a for a in self.attempts if a.answered), None)
         usage = answer.usage if answer is not None else None
         joules = self.joules()
