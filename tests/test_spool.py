@@ -245,6 +245,43 @@ def test_only_dead_processes_segments_are_replayed(tmp_path: Path) -> None:
     live.close()
 
 
+def _crash_after_spooling(spool_dir: Path, *request_ids: str) -> None:
+    """A process that spools a row per id and dies by SIGKILL, leaving its segment."""
+    script = ("import sys, os\n"
+              "from datetime import UTC, datetime\n"
+              "from greenroute.gateway.ledger.spool import Spool\n"
+              "spool = Spool(__import__('pathlib').Path(sys.argv[1]))\n"
+              "for i in sys.argv[2:]:\n"
+              "    spool.append(i, [('requests', {'id': i, 'created': datetime.now(UTC),\n"
+              "        'endpoint': 'completions', 'status': 200, 'latency_ms': 1.0})])\n"
+              "os.kill(os.getpid(), 9)\n")
+    crashed = subprocess.run([sys.executable, "-c", script, str(spool_dir), *request_ids],
+                             check=False)
+    assert crashed.returncode == -signal.SIGKILL
+
+
+def test_replayed_rows_are_written_at_once_whatever_the_flush_window(tmp_path: Path) -> None:
+    """A dead process's rows go to the ledger when the next writer starts, not a flush window
+    later: with flush_interval_s = 30 they used to wait 30 s (the kill -9 test's replay then
+    raced its own 30 s deadline, and lost once in ten runs)."""
+    _crash_after_spooling(tmp_path, "lost")
+    writer = LedgerWriter(f"sqlite:///{tmp_path / 'ledger.db'}", flush_interval_s=30,
+                          batch_size=100_000, spool=True)
+    started = time.monotonic()
+    writer.start()
+    try:
+        wait_until(lambda: writer.written == 1, timeout=10)
+        assert time.monotonic() - started < 10
+        wait_until(lambda: not [p for p in tmp_path.glob(SPOOL_GLOB) if not _locked(p)],
+                   timeout=10)  # replayed, the dead process's segment is gone
+        writer.put_many(_rows("new"))
+        time.sleep(0.5)
+        assert writer.written == 1  # a live row still waits for its flush window
+    finally:
+        writer.close()
+    assert writer.written == 2  # written on close
+
+
 def test_a_writer_replays_a_dead_process_spool_and_keeps_rows_already_written(
         tmp_path: Path) -> None:
     db = tmp_path / "ledger.db"
@@ -256,16 +293,7 @@ def test_a_writer_replays_a_dead_process_spool_and_keeps_rows_already_written(
     first.put_many(final)
     wait_until(lambda: first.written == 1)
     first.close()
-    script = ("import sys, os\n"
-              "from datetime import UTC, datetime\n"
-              "from greenroute.gateway.ledger.spool import Spool\n"
-              "spool = Spool(__import__('pathlib').Path(sys.argv[1]))\n"
-              "for i in ('written', 'lost'):\n"
-              "    spool.append(i, [('requests', {'id': i, 'created': datetime.now(UTC),\n"
-              "        'endpoint': 'completions', 'status': 200, 'latency_ms': 1.0})])\n"
-              "os.kill(os.getpid(), 9)\n")
-    crashed = subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=False)
-    assert crashed.returncode == -signal.SIGKILL
+    _crash_after_spooling(tmp_path, "written", "lost")
     writer = LedgerWriter(url, flush_interval_s=0.05, spool=True)
     writer.start()
     wait_until(lambda: writer.written == 2)  # both inserted; "written" is skipped as a duplicate

@@ -155,7 +155,11 @@ class LedgerWriter:
         delay = self.retry_s
         while True:
             with self._cond:
-                if not self._stopping and len(self._buffer) < self.batch_size:
+                # Rows replayed from a spill or a dead process's spool are written at once,
+                # not after a flush window: they are old already, and a slow flush setting
+                # (flush_interval_s = 30) would keep them out of the ledger that much longer.
+                backlog = bool(self._buffer) and bool(self._spilled or self._orphans)
+                if not self._stopping and len(self._buffer) < self.batch_size and not backlog:
                     self._cond.wait(self.flush_interval_s)
                 if not self._buffer:
                     if self._stopping:
