@@ -2,19 +2,18 @@
 
     python bench/nvml_counter_period.py --gpu 0 --seconds 5
 
-Polls `nvmlDeviceGetTotalEnergyConsumption` as fast as the driver answers, first idle and then
-under an fp16 matmul load, and prints, per phase, how many reads it made, the intervals between
-two reads that saw the counter change (median, 10th and 90th percentile, in ms), the median
-step (mJ) and the mean power. The sampler reads a meter every 100 ms by default: a counter that
-moves much less often than that needs `update_period_s` on its meter (docs/energy.md, "Slow
-counters"). Exit 2 without torch, a CUDA GPU or NVML. bench/gpu_check.sh runs it first.
+Reads `nvmlDeviceGetTotalEnergyConsumption` (through GreenRoute's NvmlMeter) back to back,
+first idle and then under an fp16 matmul load, and prints per phase: the reads made, the
+intervals between reads that saw the counter change (p10, median, p90, in ms), the median step
+(mJ) and the mean power. The sampler reads a meter every 100 ms by default; a counter that moves
+about as often or less needs `update_s` on its meter, or its period learned (docs/energy.md,
+"Slow counters"). Exit 2 without torch, a CUDA GPU or NVML. bench/gpu_check.sh runs it first.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -70,36 +69,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gpu", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=5.0, help="per phase (default 5)")
     args = parser.parse_args(argv)
-    try:
-        import torch
-    except ImportError:
-        print("nvml_counter_period: torch is not installed; this check needs a CUDA GPU host",
-              file=sys.stderr)
-        return 2
-    if not torch.cuda.is_available() or args.gpu >= torch.cuda.device_count():
-        print(f"nvml_counter_period: no CUDA GPU {args.gpu} here; run it on a GPU host",
-              file=sys.stderr)
-        return 2
-    try:
-        import pynvml  # type: ignore[import-untyped]
+    from nvml_check import require_gpu  # its sibling: exit 2 saying what is missing
 
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(args.gpu)
-        pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
-    except ImportError:
-        print("nvml_counter_period: nvidia-ml-py is not installed (pip install "
-              "'greenroute[gpu]')", file=sys.stderr)
-        return 2
-    except pynvml.NVMLError as exc:
-        print(f"nvml_counter_period: NVML: {exc}", file=sys.stderr)
-        return 2
+    torch, meter = require_gpu(args.gpu)
 
     def read_mj() -> int:
-        return int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))
+        return round(meter.read_joules() * 1000)  # the counter's own unit, NVML's mJ
 
-    print(f"GPU {args.gpu}: {pynvml.nvmlDeviceGetName(handle)}, driver "
-          f"{pynvml.nvmlSystemGetDriverVersion()}, power limit "
-          f"{pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000:.0f} W")
+    print(f"GPU {args.gpu}: {torch.cuda.get_device_name(args.gpu)}")
     print(summary(poll(read_mj, args.seconds, "idle")))
     device = torch.device(f"cuda:{args.gpu}")
     a = torch.randn(8192, 8192, device=device, dtype=torch.float16)

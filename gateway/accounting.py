@@ -250,9 +250,11 @@ class RequestRecord:
             self.attempts[-1].answered = True  # a stream: the last model tried answered
         for attempt in self.attempts:
             attempt.done(None)
-        rows = None  # built once when the spool's rows are already final (nothing to wait for)
-        if not self._spooled and self.accounting.spooling:  # before the answer or error goes
-            self._spooled = True  # out (streams: acknowledge)
+        # Spooled before the answer or error goes out (streams: at `acknowledge`). Rows built
+        # while no track is still waiting are final: the ledger gets the same list.
+        rows = None
+        if not self._spooled and self.accounting.spooling:
+            self._spooled = True
             with self._lock:
                 final = self._waiting == 0
             rows = self.rows()
