@@ -3,6 +3,8 @@
     .venv/bin/python bench/overhead.py [--requests 2000] [--concurrency 64] [--spool on|off]
     .venv/bin/python bench/overhead.py --spool-cost-only
     .venv/bin/python bench/overhead.py --upstream-port 18100 --baseline-url http://127.0.0.1:18102/v1
+    .venv/bin/python bench/overhead.py --upstream-port 18100 \
+        --baseline-url before=http://127.0.0.1:18102/v1 --baseline-url after=http://127.0.0.1:18103/v1
 
 The client is aiohttp on uvloop (lighter than httpx, so it takes less CPU from the
 processes it measures). Starts a local OpenAI-protocol upstream that answers at once
@@ -14,8 +16,8 @@ Prints p50/p99 of each path, the p50/p99 the gateway adds, and requests per seco
 
 `--baseline-url` compares with another gateway (another version, started by hand in front of
 the same upstream: `--upstream-port` fixes the upstream's port): its requests are interleaved
-with the two others in the same loop, so all three paths see the same conditions, and it gets
-its own rows ("baseline").
+with the others in the same loop, so every path sees the same conditions, and it gets its own
+rows ("baseline", or NAME with `NAME=URL`; repeat the option for several versions).
 
 Then the ledger spool's own cost per request (gateway/ledger/spool.py), measured in-process,
 because microseconds disappear in the end-to-end figures' noise: what the request path does
@@ -179,9 +181,9 @@ def main() -> None:
                         help="only the in-process spool cost, no gateway")
     parser.add_argument("--upstream-port", type=int,
                         help="the fake upstream's port (default: a free one)")
-    parser.add_argument("--baseline-url", metavar="URL",
+    parser.add_argument("--baseline-url", metavar="[NAME=]URL", action="append", default=[],
                         help="another gateway's /v1 (e.g. a previous version in front of the "
-                             "same upstream), measured in the same loop")
+                             "same upstream), measured in the same loop; repeatable")
     args = parser.parse_args()
     spool = spool_cost(max(args.requests, 20_000))
     spool_line = (f"ledger spool, per request ({max(args.requests, 20_000)} requests, "
@@ -212,8 +214,11 @@ def main() -> None:
                 for stream in (False, True):
                     urls = {"direct": upstream_url + "/chat/completions",
                             "gateway": f"http://127.0.0.1:{gateway_port}/v1/chat/completions"}
-                    if args.baseline_url:
-                        urls["baseline"] = args.baseline_url.rstrip("/") + "/chat/completions"
+                    for baseline in args.baseline_url:
+                        name, named, url = baseline.partition("=")
+                        if not named or "://" in name:
+                            name, url = "baseline", baseline
+                        urls[name] = url.rstrip("/") + "/chat/completions"
                     for result in _run_loop(_run(urls, args.requests, concurrency, stream)):
                         rows.append({"concurrency": concurrency, "stream": stream, **result})
         finally:
