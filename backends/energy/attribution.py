@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import threading
 import time
 from collections import deque
@@ -51,6 +52,12 @@ CARRY_DECAY = 0.9  # per interval: a carried token is forgotten within a couple 
 # update_s = None (auto): until the counter has stepped twice, its period is unknown, so the
 # intervals since its last step wait up to twice this for the next one
 AUTO_WAIT_S = 120.0
+# Reading at steps (`read_at_steps`): while a cheap slow counter's next step is due, read it
+# this often, from this long before the earliest time it can come to this long after the
+# latest (an H200's NVML counter stepped every 100 ms, p10-p90 97.8-102.0 ms: docs/energy.md).
+STEP_READ_S = 0.005
+STEP_MARGIN_S = 0.003
+STEP_SPANS = 9  # the counter's period: the median of this many times between steps
 
 
 @dataclass(eq=False, slots=True)
@@ -134,13 +141,17 @@ class Device:
     one, and intervals settle only once the counter has stepped past them. `update_s` None
     handles every counter so and learns its period (the longest time between two steps seen):
     a fresh counter steps at every reading, so it is priced as it goes; its first step is only
-    the baseline, since what time it covers before this process read it is unknown."""
+    the baseline, since what time it covers before this process read it is unknown.
+    `read_at_steps`, on a cheap slow counter: the sampler asks `next_read_in` when to read, and
+    is told to read densely while the next step is due, so each step's time is known to a few
+    milliseconds instead of to one sampler interval."""
 
     def __init__(self, meter: Meter, *, period_s: float = 60.0,
                  on_period: Callable[[PeriodEnergy], None] | None = None,
                  clock: Clock = time.monotonic, wall: Clock = time.time,
                  servers: Mapping[str, ServerTokens] | None = None,
-                 costs: TokenCosts | None = None, update_s: float | None = 0.0) -> None:
+                 costs: TokenCosts | None = None, update_s: float | None = 0.0,
+                 read_at_steps: bool = False) -> None:
         self.meter = meter
         self.servers = dict(servers or {})
         self.costs = costs or TokenCosts()
@@ -163,6 +174,11 @@ class Device:
         self._change_t, self._change_counter = t, reading
         self._unpriced: list[Interval] = []
         self._stepped = False
+        # reading at steps: the readings either side of the counter's last step, and the
+        # times between its recent steps (off for good if it steps faster than it should)
+        self.read_at_steps = read_at_steps and self._cheap and (self.auto or self.update_s > 0)
+        self._last_step: tuple[float, float] | None = None
+        self._step_spans: deque[float] = deque(maxlen=STEP_SPANS)
         # decayed least-squares sums for step = idle W x time + busy W x covered time
         self._power_fit = [0.0] * 5  # tt, tc, cc, te, ce
         # with server counters: this process's tokens that an interval's server count could
@@ -378,6 +394,7 @@ class Device:
         self._unpriced.append(interval)
         step = reading - self._change_counter
         if step > 0:
+            self._stepped_between(interval.t0, interval.t1)
             span = interval.t1 - self._change_t
             if not self._stepped:
                 # The first step also holds energy from before this process started reading:
@@ -411,6 +428,42 @@ class Device:
             waiting.priced = True
         self._unpriced.clear()
         self._change_t, self._change_counter = interval.t1, reading
+
+    def next_read_in(self, interval_s: float) -> float:
+        """Seconds until the sampler's next reading: `interval_s`, or with `read_at_steps`,
+        once the counter's period is known, a reading every `STEP_READ_S` from just before the
+        earliest time its next step can come (its last step's earlier bracketing reading plus
+        one period) to just after the latest: the step is then seen within a few milliseconds
+        of when it happened, where one reading per interval placed it up to an interval late
+        (that lag was most of a sub-second request's error on an NVML counter)."""
+        with self._lock:
+            if not self.read_at_steps or self._last_step is None or len(self._step_spans) < 3:
+                return interval_s
+            period = statistics.median(self._step_spans)
+            before, after = self._last_step
+            start, end = before + period - STEP_MARGIN_S, after + period + STEP_MARGIN_S
+            now = self._clock()
+            if now < start:
+                return min(interval_s, start - now)
+            if now < end:
+                return min(interval_s, STEP_READ_S)
+            return interval_s  # the step did not come when due: read as usual until it does
+
+    def _stepped_between(self, t0: float, t1: float) -> None:
+        """The counter stepped after the reading at t0 and by the one at t1 (reading at steps:
+        the period and the phase of the next step)."""
+        if self._last_step is not None:
+            before, after = self._last_step
+            span = t1 - after
+            if self._step_spans and span < statistics.median(self._step_spans) / 2:
+                if after == t0 and after - before <= 2 * STEP_READ_S:
+                    # steps at three readings in a row, the last two closer than half a
+                    # period: a counter that moves at every reading, not a slow one
+                    self.read_at_steps = False
+                # else the previous step was seen late: this span says nothing of the period
+            else:
+                self._step_spans.append(span)
+        self._last_step = (t0, t1)
 
     # -- splitting ----------------------------------------------------------------------------
 

@@ -44,6 +44,10 @@ class MeterConfig(BaseModel):
     # (a DCGM exporter at its defaults works as is; NVML's counter steps every ~100 ms); rapl
     # and estimate are fresh.
     update_s: float | None = Field(default=None, ge=0)
+    # A counter that is cheap to read and steps slowly (nvml): read it densely while its next
+    # step is due (every 5 ms, for about 10 ms per step), so each step's time is known to a few
+    # ms rather than to one sampler interval. False: one reading per interval.
+    read_at_steps: bool = True
     # prometheus on a vLLM tier: where to read the server's token counters, the denominator
     # shared with its other clients. "auto": the tier's url without /v1, plus /metrics; "off";
     # or a URL.

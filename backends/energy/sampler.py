@@ -25,7 +25,8 @@ SERVER_METERED = ("prometheus", "nvml")
 
 
 class Sampler:
-    """Calls `device.sample()` every `interval_s` on its own daemon thread."""
+    """Calls `device.sample()` every `interval_s` on its own daemon thread (more often around
+    the steps of a counter read at its steps: `Device.next_read_in`)."""
 
     def __init__(self, device: Device, interval_s: float) -> None:
         self.device = device
@@ -38,11 +39,14 @@ class Sampler:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        delay = self.interval_s
+        while not self._stop.wait(delay):
             try:
                 self.device.sample()
+                delay = self.device.next_read_in(self.interval_s)
             except Exception:  # a sampler must outlive any one bad reading
                 log.exception("energy sampler %s failed", self.device.name)
+                delay = self.interval_s
 
     def stop(self) -> None:
         """Stop sampling, then take the final reading and settle everything."""
@@ -99,7 +103,8 @@ class Fleet:
             device = Device(meters[members[0].name][1], period_s=period_s, on_period=on_period,
                             servers=servers,
                             costs=TokenCosts({t.name: t.energy_hint for t in members}),
-                            update_s=_update_s(first))
+                            update_s=_update_s(first),
+                            read_at_steps=first is not None and first.read_at_steps)
             self._samplers.append(Sampler(device, interval_s))
             for tier in members:
                 self.devices[tier.name] = device
