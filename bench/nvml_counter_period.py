@@ -7,7 +7,11 @@ first idle and then under an fp16 matmul load, and prints per phase: the reads m
 intervals between reads that saw the counter change (p10, median, p90, in ms), the median step
 (mJ) and the mean power. The sampler reads a meter every 100 ms by default; a counter that moves
 about as often or less needs `update_s` on its meter, or its period learned (docs/energy.md,
-"Slow counters"). Exit 2 without torch, a CUDA GPU or NVML. bench/gpu_check.sh runs it first.
+"Slow counters"). Then, still under load, GreenRoute's own sampler on that counter with
+`read_at_steps` (the nvml meter's default): its readings per second, and how closely it timed
+each step (the gap between the last reading before a step and the first after it: p50 and
+p90, ms; one reading per 100 ms would give about 100). Exit 2 without torch, a CUDA GPU or
+NVML. bench/gpu_check.sh runs it first.
 """
 
 from __future__ import annotations
@@ -63,6 +67,37 @@ def summary(phase: Phase) -> str:
             f"over the changes {power:.1f} W")
 
 
+def sampler_at_steps(meter: Any, seconds: float) -> str:
+    """GreenRoute's Sampler reading `meter` at its steps for `seconds`: reads/s and brackets."""
+    from greenroute.backends.energy.attribution import Device
+    from greenroute.backends.energy.sampler import Sampler
+
+    readings: list[tuple[float, float]] = []
+
+    class Recorded:  # the meter, each reading kept
+        source, device, cheap = meter.source, meter.device, True
+
+        def read_joules(self) -> float:
+            value = meter.read_joules()
+            readings.append((time.monotonic(), value))
+            return float(value)
+
+    device = Device(Recorded(), update_s=None, read_at_steps=True)  # type: ignore[arg-type]
+    sampler = Sampler(device, 0.1)
+    sampler.start()
+    time.sleep(seconds)
+    sampler.stop()
+    brackets = [(b[0] - a[0]) * 1000 for a, b in zip(readings, readings[1:], strict=False)
+                if b[1] != a[1]][5:]  # past the first steps, while the period is learned
+    if len(brackets) < 3:
+        return f"sampler at steps: {len(readings)} reads, too few steps to time"
+    deciles = statistics.quantiles(brackets, n=10)
+    return (f"sampler at steps: {len(readings) / seconds:.0f} reads/s, "
+            f"{'on' if device.read_at_steps else 'turned itself off'}; each step timed "
+            f"to p50 {statistics.median(brackets):.1f} ms, p90 {deciles[-1]:.1f} ms "
+            f"({len(brackets)} steps)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     time.sleep(1.0)  # past the clocks' ramp
     try:
         print(summary(poll(read_mj, args.seconds, "load")))
+        print(sampler_at_steps(meter, args.seconds))
     finally:
         stop.set()
         worker.join()
