@@ -205,6 +205,10 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:  # type: ignore[typ
                         "on their first token only (greenroute train --judge)")
     parser.add_argument("--no-cascade", action="store_true", help="with --targets: route on "
                                                                   "the prompt only")
+    parser.add_argument("--rank-by-score", action="store_true",
+                        help="with --targets: prompt-only steps admit prompts by the router's "
+                        "score alone, not by joules saved per quality lost (the default, as "
+                        "greenroute train)")
     parser.add_argument("--choose-plan", action="store_true",
                         help="with --targets: each fold's policy chooses its plan family as "
                              "`greenroute train` does (prompt-only or cascade, at delta/2 each)")
@@ -252,7 +256,8 @@ def _eval(args: argparse.Namespace) -> int:
                 config = TrainConfig(kind=kind, targets=targets, seed=args.seed,
                                      delta=args.delta, cascade=not args.no_cascade,
                                      signals=train_command.parse_signals(args.signals),
-                                     first_token=args.judge == "first-token")
+                                     first_token=args.judge == "first-token",
+                                     rank_by_saving=not args.rank_by_score)
                 result, rows = cross_validate_policy(
                     table, tiers, embed, config, folds=args.folds, seed=args.seed,
                     profile=profile, name=f"{kind}+chosen plan" if args.choose_plan else None,

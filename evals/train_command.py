@@ -99,6 +99,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
     parser.add_argument("--no-cascade", action="store_true",
                         help="route on the prompt only, even when the table has logprobs "
                              "(no plan choice, so no delta split)")
+    parser.add_argument("--rank-by-score", action="store_true",
+                        help="a prompt-only step admits prompts by its router's score alone, "
+                        "not by joules saved per quality lost (the default)")
     parser.add_argument("--energy-profile", metavar="NAME=J,...",
                         help="joules per generated token, instead of the table's joules")
     parser.add_argument("--seed", type=int, default=0)
@@ -120,7 +123,8 @@ def _train(args: argparse.Namespace) -> int:
                              cascade=not args.no_cascade, seed=args.seed,
                              signals=parse_signals(args.signals),
                              first_token=args.judge == "first-token",
-                             cascade_only=args.cascade_only)
+                             cascade_only=args.cascade_only,
+                             rank_by_saving=not args.rank_by_score)
         if args.cascade_only and args.no_cascade:
             raise ValueError("--cascade-only and --no-cascade exclude each other")
         profile = parse_profile(args.energy_profile) if args.energy_profile else None

@@ -11,7 +11,9 @@
 For each tier but the largest, fitting means: fit the router; where the table has logprob
 features, score the training prompts *out of fold* (a router's scores on its own training
 prompts are overconfident), fit the cascade confidence model on those features and scores, and
-tabulate how often answers are kept per threshold and score bin (the skip rule's k).
+tabulate how often answers are kept per threshold and score bin (the skip rule's k). A step
+without one ranks prompts by joules saved per quality lost (routers/priority.py), fitted on the
+same out-of-fold scores, unless `rank_by_saving` is off or every prompt costs the same.
 Why calibrating on cross-fitted outcomes keeps the bound meaningful: docs/routing.md.
 """
 
@@ -31,6 +33,7 @@ from greenroute.routers.confidence import ConfidenceModel
 from greenroute.routers.features import AGREEMENT, FEATURES, FIRST_TOKEN, SELF_CHECK
 from greenroute.routers.models import Scheme, Target, make
 from greenroute.routers.policy import CANDIDATES, RoutingPolicy, Step, simulate
+from greenroute.routers.priority import SavingPriority
 
 KEEP_BINS = 10
 
@@ -51,6 +54,9 @@ class TrainConfig:
     signals: tuple[str, ...] = ()
     # Judge a stage on its first token only (FIRST_TOKEN): served, a kept answer streams live.
     first_token: bool = False
+    # A prompt-only step admits prompts by joules saved per quality lost (routers/priority.py),
+    # not by its router's score alone.
+    rank_by_saving: bool = True
     seed: int = 0
 
 
@@ -225,6 +231,11 @@ def fit_steps(x: np.ndarray, prompts: Sequence[str], data: TierData,
             step.confidence.fit(features, scores, target)
             step.keep_edges, step.keep_rates = _keep_table(
                 scores, step.confidence.predict(features, scores))
+        elif config.rank_by_saving and SavingPriority.worth_fitting(data.energy[:, j],
+                                                                    data.energy[:, -1]):
+            step.priority = SavingPriority.fit(x, out_of_fold(x, target, prompts, config),
+                                               data.quality[:, j], largest, data.energy[:, j],
+                                               data.energy[:, -1])
         steps.append(step)
     return RoutingPolicy(tiers=list(data.tiers), steps=steps,
                          energy=data.energy.mean(axis=0), thresholds={},

@@ -26,6 +26,7 @@ from greenroute.routers.confidence import ConfidenceModel
 from greenroute.routers.encoders import Encoder, EncoderError, StaticEncoder, load_encoder
 from greenroute.routers.models import from_state
 from greenroute.routers.policy import CANDIDATES, RoutingPolicy, Step
+from greenroute.routers.priority import SavingPriority
 
 FORMAT = "greenroute-router"
 VERSION = 1
@@ -68,10 +69,13 @@ def save(path: str | Path, policy: RoutingPolicy, encoder: Encoder,
             arrays |= {f"confidence.{k}": v for k, v in step.confidence.state().items()}
         if step.keep_edges is not None and step.keep_rates is not None:
             arrays |= {"keep.edges": step.keep_edges, "keep.rates": step.keep_rates}
+        if step.priority is not None:
+            arrays |= {f"priority.{k}": v for k, v in step.priority.state().items()}
         file = f"step-{step.tier}.npz"
         np.savez_compressed(staging / file, allow_pickle=False, **arrays)
         steps.append({"tier": step.tier, "file": file, "cascade": step.confidence is not None,
-                      "signals": list(step.confidence.signals) if step.confidence else []})
+                      "signals": list(step.confidence.signals) if step.confidence else [],
+                      "rank": "saving" if step.priority is not None else "score"})
     full = {
         "format": FORMAT, "version": VERSION, **manifest, "tiers": policy.tiers,
         "encoder": encoder_spec, "steps": steps, "energy_per_prompt": policy.energy.tolist(),
@@ -157,6 +161,8 @@ def load(path: str | Path, encoder: Encoder | None = None,
             if len(step.keep_rates) != len(CANDIDATES):
                 raise ArtifactError(f"{path}: its cascade was tabulated on another grid of "
                                     "thresholds; retrain the router with `greenroute train`")
+        if entry.get("rank") == "saving":
+            step.priority = SavingPriority.from_state(_prefixed(arrays, "priority"))
         steps.append(step)
     by_delta = {float(d): _thresholds(t)
                 for d, t in manifest.get("thresholds_by_delta", {}).items()}

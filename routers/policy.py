@@ -7,7 +7,9 @@ confidence model that judges the tier's answer once it exists. One threshold b, 
 quality target by calibration (routers/calibration.py), decides everything:
 
 - a step without a confidence model answers the prompt itself when p >= b (the cheapest such
-  tier wins), before anything is generated;
+  tier wins), before anything is generated; where it has a saving priority
+  (routers/priority.py), that priority stands in for p, so prompts are admitted in the order
+  of joules saved per quality lost;
 - a step with one is a cascade stage: the tier answers first, and its answer is kept when its
   confidence c >= b, else the prompt goes up to the next tier of the plan. A stage is tried
   only when it lowers the expected energy: with e the stage's energy, V the expected energy of
@@ -29,6 +31,7 @@ import numpy as np
 
 from greenroute.routers.confidence import ConfidenceModel
 from greenroute.routers.models import RouterModel
+from greenroute.routers.priority import SavingPriority
 
 # Thresholds from "never keep" (everything to the largest tier) down to "always keep".
 CANDIDATES = np.concatenate([[np.inf], np.round(np.linspace(1.0, 0.0, 1001), 4)])
@@ -37,13 +40,21 @@ CANDIDATES = np.concatenate([[np.inf], np.round(np.linspace(1.0, 0.0, 1001), 4)]
 @dataclass
 class Step:
     """A tier below the largest: its router, its optional confidence model, and how often its
-    answers were kept, per threshold, as a function of the router score (for the skip rule)."""
+    answers were kept, per threshold, as a function of the router score (for the skip rule).
+    A step without a confidence model may rank prompts by joules saved per quality lost
+    (`priority`) instead of by the router's score alone."""
 
     tier: str
     router: RouterModel
     confidence: ConfidenceModel | None = None
     keep_edges: np.ndarray | None = None  # router-score bin edges
     keep_rates: np.ndarray | None = None  # (len(CANDIDATES), bins)
+    priority: SavingPriority | None = None
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """What the threshold applies to: the router's score, or the saving priority."""
+        p = self.router.predict(x)
+        return p if self.priority is None else self.priority.score(x, p)
 
     def keep_rate(self, candidate: int, p: np.ndarray) -> np.ndarray:
         if self.keep_edges is None or self.keep_rates is None:
@@ -81,8 +92,9 @@ class RoutingPolicy:
         return self.thresholds[min(stricter)] if stricter else None
 
     def scores(self, x: np.ndarray) -> np.ndarray:
-        """(prompts, steps) router scores for embeddings x."""
-        return np.column_stack([step.router.predict(x) for step in self.steps]) if self.steps \
+        """(prompts, steps) scores for embeddings x: each step's router score, or its saving
+        priority where it has one."""
+        return np.column_stack([step.score(x) for step in self.steps]) if self.steps \
             else np.zeros((len(x), 0))
 
     def plans(self, p: np.ndarray, candidate: int | None) -> np.ndarray:
