@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--kind", default="logistic")
     parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--rank-by-score", action="store_true",
+                        help="train prompt-only steps to rank by score, not by saving priority")
     args = parser.parse_args()
 
     tiers = table_models(args.outcomes)
@@ -81,7 +83,7 @@ def main() -> None:
         encoder = build_encoder(choice)
         x = embedder(encoder)(table.prompts)
         policy, _ = fit_policy(x, table.prompts, tier_data(table, tiers),
-                               TrainConfig(kind=args.kind))
+                               TrainConfig(kind=args.kind, rank_by_saving=not args.rank_by_score))
         with tempfile.TemporaryDirectory() as tmp:
             service = RouterService(artifact.load(artifact.save(Path(tmp) / "router", policy,
                                                                 encoder, {"kind": args.kind})))
