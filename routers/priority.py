@@ -40,13 +40,11 @@ class SavingPriority:
     reference: np.ndarray  # the training prompts' priorities, sorted
 
     @staticmethod
-    def worth_fitting(energy: np.ndarray, energy_largest: np.ndarray) -> bool:
+    def worth_fitting(*energies: np.ndarray) -> bool:
         """Whether the prompts' costs differ at all: where each tier costs the same on every
         prompt (a table priced per call), the priority would only repeat the router's order,
         and fitting it costs `inner_folds` more router fits."""
-        return bool(np.ptp(energy) > 1e-9 * max(float(np.max(np.abs(energy))), 1.0)
-                    or np.ptp(energy_largest) > 1e-9 * max(float(np.max(np.abs(energy_largest))),
-                                                           1.0))
+        return any(float(np.ptp(e)) > 1e-9 * max(float(np.abs(e).max()), 1.0) for e in energies)
 
     @classmethod
     def fit(cls, x: np.ndarray, scores: np.ndarray, quality: np.ndarray,
