@@ -63,9 +63,14 @@ class SavingPriority:
         unfitted = cls(weights, loss, floor, np.zeros(0))
         return cls(weights, loss, floor, np.sort(unfitted.raw(x, scores)))
 
+    def joules(self, x: np.ndarray) -> np.ndarray:
+        """(prompts, 2): each prompt's predicted joules on the step's tier and on the largest."""
+        return np.asarray(np.exp(np.column_stack([x, np.ones(len(x))]) @ self.energy_weights.T),
+                          dtype=float)
+
     def raw(self, x: np.ndarray, p: np.ndarray) -> np.ndarray:
         """Predicted joules saved per unit of quality lost, per prompt."""
-        joules = np.exp(np.column_stack([x, np.ones(len(x))]) @ self.energy_weights.T)
+        joules = self.joules(x)
         lost = self.floor * np.logaddexp(0.0, (self.loss[0] * p + self.loss[1]) / self.floor)
         return np.asarray((joules[:, 1] - joules[:, 0]) / lost, dtype=float)
 
