@@ -30,7 +30,7 @@ from waiting import wait_until
 
 from greenroute.backends.fake_openai import free_port
 from greenroute.gateway.ledger import spool as spool_module
-from greenroute.gateway.ledger.spool import SPOOL_GLOB, Spool, orphans
+from greenroute.gateway.ledger.spool import SPOOL_GLOB, Orphan, Spool, orphans
 from greenroute.gateway.ledger.writer import LedgerWriter
 
 CLIENTS = 16
@@ -200,18 +200,23 @@ def _rows(request_id: str) -> list[tuple[str, dict[str, Any]]]:
                           "endpoint": "chat/completions", "status": 200, "latency_ms": 1.0})]
 
 
+def _lines(segment: Path) -> list[bytes]:
+    """A segment's lines: what comes before the zeros that fill the rest of it."""
+    return segment.read_bytes().rstrip(b"\0").splitlines()
+
+
 def test_the_segment_is_truncated_once_its_requests_are_durable(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     spool.append("a", _rows("a"))
     spool.append("b", _rows("b"))
     (segment,) = tmp_path.glob(SPOOL_GLOB)
-    assert len(segment.read_bytes().splitlines()) == 2
+    assert len(_lines(segment)) == 2
     spool.durable(["a"])
-    assert len(segment.read_bytes().splitlines()) == 2  # b is not in the database yet
+    assert len(_lines(segment)) == 2  # b is not in the database yet
     spool.durable(["b"])
-    assert segment.read_bytes() == b""
-    spool.append("c", _rows("c"))  # O_APPEND: writes start again at the beginning
-    assert segment.read_bytes().count(b"\n") == 1 and b'"c"' in segment.read_bytes()
+    assert _lines(segment) == [] and not segment.read_bytes().strip(b"\0")
+    spool.append("c", _rows("c"))  # lines start again at the beginning
+    assert segment.read_bytes().count(b"\n") == 1 and b'"c"' in _lines(segment)[0]
     spool.durable(["c"])
     spool.close()
     assert not list(tmp_path.glob(SPOOL_GLOB))
@@ -303,3 +308,25 @@ def test_a_writer_replays_a_dead_process_spool_and_keeps_rows_already_written(
         rows = dict(ledger.execute("SELECT id, latency_ms FROM requests"))
     assert rows == {"written": 42.0, "lost": 1.0}  # the final row was not replaced
     assert not list(tmp_path.glob(SPOOL_GLOB))
+
+
+def test_a_line_longer_than_a_segment_gets_a_segment_of_its_own(tmp_path: Path) -> None:
+    """A ledger keeping texts can have a request whose line outgrows `rotate_bytes`."""
+    spool = Spool(tmp_path, rotate_bytes=4096)
+    spool.append("short", _rows("short"))
+    long = _rows("long")
+    long[0][1]["prompt_text"] = "x" * 10_000
+    spool.append("long", long)
+    spool.append("after", _rows("after"))
+    segments = sorted(tmp_path.glob(SPOOL_GLOB), key=lambda p: p.stat().st_size)
+    assert [len(_lines(p)) for p in segments] == [1, 1, 1]
+    assert b'"long"' in _lines(segments[-1])[0] and segments[-1].stat().st_size > 10_000
+    (orphan,) = [o for o in _replay_after_close(spool, tmp_path) if b'"long"' in
+                 o.path.read_bytes()]
+    assert [rows[0][1]["id"] for rows in orphan.items()] == ["long"]  # zeros after it skipped
+    orphan.release()
+
+
+def _replay_after_close(spool: Spool, directory: Path) -> list[Orphan]:
+    spool.close()  # nothing is durable: every segment stays for the next start
+    return orphans(directory)

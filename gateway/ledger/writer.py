@@ -183,8 +183,10 @@ class LedgerWriter:
                 self.written += len(batch)
             if self.spool is not None:
                 try:
-                    self.spool.durable(row["id"] for table, row in batch
-                                       if table == "requests")
+                    # the ids listed first: the spool's lock, which the request path takes
+                    # to append, is held only for the bookkeeping
+                    self.spool.durable([row["id"] for table, row in batch
+                                        if table == "requests"])
                 except OSError as exc:  # the spool's file cannot be truncated or removed
                     log.error("ledger: spool in %s: %s", self.spill_dir, exc)
             if self.last_error is not None:
