@@ -18,6 +18,8 @@ Prints p50/p99 of each path, the p50/p99 the gateway adds, and requests per seco
 the same upstream: `--upstream-port` fixes the upstream's port): its requests are interleaved
 with the others in the same loop, so every path sees the same conditions, and it gets its own
 rows ("baseline", or NAME with `NAME=URL`; repeat the option for several versions).
+`--baseline-pid NAME=PID` names that gateway's process, so that its CPU time per request (every
+thread's, read from /proc before and after each mode) is printed beside this version's.
 
 Then the ledger spool's own cost per request (gateway/ledger/spool.py), measured in-process,
 because microseconds disappear in the end-to-end figures' noise: what the request path does
@@ -85,9 +87,23 @@ async def _one(client: aiohttp.ClientSession, url: str, stream: bool) -> float:
     return time.perf_counter() - started
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds every thread of process `pid` has used (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
 async def _run(urls: dict[str, str], requests: int, concurrency: int,
-               stream: bool) -> list[dict[str, float]]:
-    """One row per gateway in `urls` ("gateway", and "baseline" if given) against "direct"."""
+               stream: bool, pids: dict[str, int] | None = None) -> list[dict[str, float]]:
+    """One row per gateway in `urls` ("gateway", and "baseline" if given) against "direct";
+    with the CPU time per request of each gateway whose process is in `pids`."""
     times: dict[str, list[float]] = {path: [] for path in urls}
     connector = aiohttp.TCPConnector(limit=concurrency * len(urls))
     async with aiohttp.ClientSession(connector=connector) as client:
@@ -100,9 +116,11 @@ async def _run(urls: dict[str, str], requests: int, concurrency: int,
                 for path, url in urls.items():
                     times[path].append(await _one(client, url, stream))
 
+        cpu_before = {path: _cpu_s(pid) for path, pid in (pids or {}).items()}
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
+        cpu_used = {path: _cpu_s(pid) - cpu_before[path] for path, pid in (pids or {}).items()}
     quantiles: dict[str, tuple[float, float]] = {}
     for path, values in times.items():
         values.sort()
@@ -118,7 +136,9 @@ async def _run(urls: dict[str, str], requests: int, concurrency: int,
         rows.append({"gateway": path, "direct_p50_ms": direct_p50, "gateway_p50_ms": p50,
                      "added_p50_ms": p50 - direct_p50, "direct_p99_ms": direct_p99,
                      "gateway_p99_ms": p99, "added_p99_ms": p99 - direct_p99,
-                     "gateway_rps": len(times[path]) / (elapsed / len(urls))})
+                     "gateway_rps": len(times[path]) / (elapsed / len(urls)),
+                     "cpu_us_per_request": cpu_used[path] / len(times[path]) * 1e6
+                     if path in cpu_used else float("nan")})
     return rows
 
 
@@ -184,6 +204,8 @@ def main() -> None:
     parser.add_argument("--baseline-url", metavar="[NAME=]URL", action="append", default=[],
                         help="another gateway's /v1 (e.g. a previous version in front of the "
                              "same upstream), measured in the same loop; repeatable")
+    parser.add_argument("--baseline-pid", metavar="NAME=PID", action="append", default=[],
+                        help="the process of the --baseline-url of that NAME, for its CPU time")
     args = parser.parse_args()
     spool = spool_cost(max(args.requests, 20_000))
     spool_line = (f"ledger spool, per request ({max(args.requests, 20_000)} requests, "
@@ -208,6 +230,10 @@ def main() -> None:
         greenroute = str(Path(sys.executable).parent / "greenroute")
         gateway = _start([greenroute, "serve", "--config", str(config)],
                          f"http://127.0.0.1:{gateway_port}/v1/models")
+        pids = {"gateway": gateway.pid}
+        for named in args.baseline_pid:
+            name, _, pid = named.partition("=")
+            pids[name] = int(pid)
         try:
             rows = []
             for concurrency in (1, args.concurrency):
@@ -219,7 +245,8 @@ def main() -> None:
                         if not named or "://" in name:
                             name, url = "baseline", baseline
                         urls[name] = url.rstrip("/") + "/chat/completions"
-                    for result in _run_loop(_run(urls, args.requests, concurrency, stream)):
+                    for result in _run_loop(_run(urls, args.requests, concurrency, stream,
+                                                       pids)):
                         rows.append({"concurrency": concurrency, "stream": stream, **result})
         finally:
             gateway.terminate()
@@ -230,13 +257,13 @@ def main() -> None:
     print(f"gateway overhead, {args.requests} requests per path and mode, "
           f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, spool {args.spool}")
     header = ("gateway", "conc", "stream", "direct p50", "gw p50", "added p50", "direct p99",
-              "gw p99", "added p99", "gw req/s")
+              "gw p99", "added p99", "gw req/s", "CPU/req")
     print(" | ".join(f"{h:>10}" for h in header))
     for r in rows:
         cells = (r["gateway"], r["concurrency"], "yes" if r["stream"] else "no",
                  *(f"{r[k]:.3f} ms" for k in ("direct_p50_ms", "gateway_p50_ms", "added_p50_ms",
                                               "direct_p99_ms", "gateway_p99_ms", "added_p99_ms")),
-                 f"{r['gateway_rps']:.0f}")
+                 f"{r['gateway_rps']:.0f}", f"{r['cpu_us_per_request']:.0f} us")
         print(" | ".join(f"{c:>10}" for c in cells))
     print(spool_line)
     if args.json:
