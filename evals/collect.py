@@ -30,7 +30,7 @@ import orjson
 from greenroute.backends.base import Backend, Endpoint
 from greenroute.backends.energy.meter import Meter
 from greenroute.backends.registry import TierConfig, build_backend
-from greenroute.evals import graders
+from greenroute.evals import graders, load
 from greenroute.evals.outcomes import OutcomeWriter, compact, read_rows
 from greenroute.evals.pause import wait_while_paused
 from greenroute.evals.prompts import Prompt, render
@@ -152,6 +152,7 @@ class _TierRun:
                 "logprobs": True, "top_logprobs": TOP_LOGPROBS}
         result: dict[str, Any] = {"model_id": self.backend.model_id}
         joules_before = self.meter.read_joules() if self.meter else None
+        load_before = load.sample() if self.meter else None
         started = time.perf_counter()
         try:
             completion = await self.backend.create(Endpoint.CHAT, body)
@@ -161,6 +162,10 @@ class _TierRun:
         if self.meter is not None and joules_before is not None:
             result["joules"] = round(self.meter.read_joules() - joules_before, 4)
             result["energy_source"] = self.meter.source
+            # What else ran meanwhile: joules of a contended call are not comparable
+            beside = load.between(load_before, load.sample())
+            if beside is not None:
+                result["load"] = beside.record()
         data = orjson.loads(completion.body)
         choice = data["choices"][0]
         output = choice["message"].get("content") or ""
@@ -214,7 +219,7 @@ class Progress:
         self.label = label
         self.total = total
         self.stream = stream
-        self.done = self.failed = 0
+        self.done = self.failed = self.contended = 0
         self.quality = 0.0
         self.started = self._last = time.monotonic()
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
@@ -225,6 +230,8 @@ class Progress:
             self.failed += 1
         else:
             self.quality += float(result.get("quality") or 0.0)
+        if load.contended(result.get("load")):
+            self.contended += 1
         now = time.monotonic()
         if self.tty or self.done % 10 == 0 or now - self._last > 30 or self.done == self.total:
             self._last = now
@@ -237,7 +244,9 @@ class Progress:
         answered = self.done - self.failed
         mean = f"{100 * self.quality / answered:.1f}%" if answered else "-"
         return (f"{self.label}: {self.done}/{self.total} ({100 * self.done / self.total:.0f}%), "
-                f"{rate:.2f} s/prompt, ETA {_clock(eta)}, quality {mean}, failed {self.failed}")
+                f"{rate:.2f} s/prompt, ETA {_clock(eta)}, quality {mean}, failed {self.failed}"
+                + (f", {self.contended} beside other work (their joules are not comparable: "
+                   "collect on a quiet machine)" if self.contended else ""))
 
     def note(self, text: str) -> None:
         self._write(f"{self.label}: {text}")

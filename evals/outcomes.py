@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from greenroute.evals import load
 from greenroute.routers.features import FEATURES
 
 log = logging.getLogger("greenroute.evals")
@@ -153,7 +154,14 @@ def describe(path: str | Path, models: list[str] | None = None) -> str:
     lines.append("")
     lines.append(f"{len(rows)} prompts, {len(complete)} answered by every model; "
                  f"{failed} failed results.")
+    contended = {m: sum(1 for r in rows if load.contended((r["models"].get(m) or {}).get("load")))
+                 for m in models}
+    if any(contended.values()):
+        counts = ", ".join(f"{m} {n}" for m, n in contended.items() if n)
+        lines.append(f"Collected beside other work (more than {load.BUSY_OTHERS_CORES} cores busy "
+                     f"elsewhere; their joules are not comparable with the rest): {counts}.")
     return "\n".join(lines)
+
 
 
 # -- importing external tables ----------------------------------------------------------------

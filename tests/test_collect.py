@@ -110,6 +110,9 @@ def test_collect_resumes_after_interruption_and_records_a_failed_row(
         assert result["prompt_tokens"] > 10 and result["completion_tokens"] >= 1
         assert result["latency_s"] > 0 and result["joules"] > 0
         assert result["energy_source"] == "estimate"
+        if result["latency_s"] >= 1.0:  # long enough for /proc's 10 ms ticks (evals/load.py)
+            assert set(result["load"]) == {"others_cores", "steal_cores"}
+            assert min(result["load"].values()) >= 0
         assert set(result["features"]) >= {"lp_mean", "lp_min", "lp_first", "entropy_mean"}
         assert result["features"]["lp_min"] <= result["features"]["lp_mean"] <= 0
 
