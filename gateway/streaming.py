@@ -63,37 +63,37 @@ async def until_disconnect(watcher: asyncio.Future[None], work: Awaitable[T],
         raise ClientGone if watcher.done() else Stopped
     task = asyncio.current_task()
     assert task is not None
-    reason: list[type[Exception]] = []
+    reason: list[type[ClientGone] | type[Stopped]] = []
+    over = False  # the work has ended: a callback already scheduled then must do nothing
+
+    def cancel_for(why: type[ClientGone] | type[Stopped]) -> None:
+        if not over and not reason:
+            reason.append(why)
+            task.cancel()
 
     def client_left(_: asyncio.Future[None]) -> None:
-        if not reason:  # a callback already scheduled when the work ended is `done` below
-            reason.append(ClientGone)
-            task.cancel()
+        cancel_for(ClientGone)
 
     def grace_ended(_: asyncio.Future[None]) -> None:
-        if not reason:
-            reason.append(Stopped)
-            task.cancel()
+        cancel_for(Stopped)
 
     watcher.add_done_callback(client_left)
     if stop is not None:
         stop.add_done_callback(grace_ended)
     try:
-        return await work
+        result = await work
     except asyncio.CancelledError:
-        if reason and reason[0] is not _Done and task.uncancel() == 0:
+        if reason and task.uncancel() == 0:
             raise reason[0] from None
         raise
     finally:
-        if not reason:
-            reason.append(_Done)
+        over = True
         watcher.remove_done_callback(client_left)
         if stop is not None:
             stop.remove_done_callback(grace_ended)
-
-
-class _Done(Exception):
-    """Marks an `until_disconnect` whose work is over, for callbacks already scheduled."""
+    if reason:  # cancelled, but the work swallowed it and answered: the request goes on
+        task.uncancel()
+    return result
 
 
 class StreamObserver(Protocol):

@@ -91,3 +91,24 @@ def test_a_cancellation_from_outside_goes_through_unchanged() -> None:
             await inner
 
     _run(main())
+
+
+def test_work_that_swallows_the_cancellation_leaves_the_task_not_cancelling() -> None:
+    """A call that catches its cancellation and answers anyway: its answer is used, and the
+    request's task is not left with a cancellation pending (later awaits run normally)."""
+    async def stubborn() -> str:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            return "answered anyway"
+        return "never"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        watcher = loop.create_future()
+        loop.call_later(0.01, watcher.set_result, None)
+        assert await until_disconnect(watcher, stubborn()) == "answered anyway"
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+        await asyncio.sleep(0.01)
+
+    _run(main())

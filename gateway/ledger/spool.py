@@ -8,8 +8,8 @@ MAP_SHARED): the page it lands in belongs to the kernel's page cache, so once th
 a killed process cannot take it back, exactly as with a `write()` (a power cut can: there is no
 fsync, which would cost milliseconds per request). A mapping rather than `write()` because the
 copy needs no system call and keeps the GIL: a `write()` on the event loop let the ledger
-writer's thread take the interpreter in the middle of every request, which cost up to 16 ms of
-queueing at 64 concurrent requests here (docs/energy.md, *The spool*). The line carries what is
+writer's thread take the interpreter in the middle of every request, which cost sequential
+requests 83-137 us of added latency here (docs/energy.md, *The spool*). The line carries what is
 known at answer time; the writer writes the final rows as before, and tells the spool which
 requests are then durable in the database.
 
