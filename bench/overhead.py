@@ -15,7 +15,9 @@ streamed (time to the end of the stream).
 Prints p50/p99 of each path, the p50/p99 the gateway adds, and requests per second.
 
 `--baseline-url` compares with another gateway (another version, started by hand in front of
-the same upstream: `--upstream-port` fixes the upstream's port): its requests are interleaved
+the same upstream: `--upstream-port` fixes the upstream's port; the bench waits up to a minute
+for it, so it can be started once the upstream answers, before a version with health checks
+takes the upstream for down): its requests are interleaved
 with the others in the same loop, so every path sees the same conditions, and it gets its own
 rows ("baseline", or NAME with `NAME=URL`; repeat the option for several versions).
 `--baseline-pid NAME=PID` names that gateway's process, so that its CPU time per request (every
@@ -60,6 +62,19 @@ BODY = {"model": "echo", "messages": [{"role": "user", "content": "Say hello to 
 PLAIN_BODY = json.dumps(BODY).encode()
 STREAM_BODY = json.dumps({**BODY, "stream": True}).encode()
 JSON = {"content-type": "application/json"}
+
+
+def _wait_until_up(url: str, timeout_s: float = 60.0) -> None:
+    """Wait for a gateway started by hand (a baseline) to answer `url` with 200."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer")
 
 
 def _start(args: list[str], ready_url: str) -> subprocess.Popen[bytes]:
@@ -230,6 +245,13 @@ def main() -> None:
         greenroute = str(Path(sys.executable).parent / "greenroute")
         gateway = _start([greenroute, "serve", "--config", str(config)],
                          f"http://127.0.0.1:{gateway_port}/v1/models")
+        baselines = {}
+        for baseline in args.baseline_url:
+            name, named, url = baseline.partition("=")
+            if not named or "://" in name:
+                name, url = "baseline", baseline
+            baselines[name] = url.rstrip("/")
+            _wait_until_up(url.rstrip("/") + "/models")  # one started once the upstream was up
         pids = {"gateway": gateway.pid}
         for named in args.baseline_pid:
             name, _, pid = named.partition("=")
@@ -240,11 +262,8 @@ def main() -> None:
                 for stream in (False, True):
                     urls = {"direct": upstream_url + "/chat/completions",
                             "gateway": f"http://127.0.0.1:{gateway_port}/v1/chat/completions"}
-                    for baseline in args.baseline_url:
-                        name, named, url = baseline.partition("=")
-                        if not named or "://" in name:
-                            name, url = "baseline", baseline
-                        urls[name] = url.rstrip("/") + "/chat/completions"
+                    for name, url in baselines.items():
+                        urls[name] = url + "/chat/completions"
                     for result in _run_loop(_run(urls, args.requests, concurrency, stream,
                                                        pids)):
                         rows.append({"concurrency": concurrency, "stream": stream, **result})

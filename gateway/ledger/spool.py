@@ -9,7 +9,7 @@ a killed process cannot take it back, exactly as with a `write()` (a power cut c
 fsync, which would cost milliseconds per request). A mapping rather than `write()` because the
 copy needs no system call and keeps the GIL: a `write()` on the event loop let the ledger
 writer's thread take the interpreter in the middle of every request, which cost sequential
-requests 83-137 us of added latency here (docs/energy.md, *The spool*). The line carries what is
+requests 86-217 us of added latency here (docs/energy.md, *The spool*). The line carries what is
 known at answer time; the writer writes the final rows as before, and tells the spool which
 requests are then durable in the database.
 
