@@ -65,7 +65,7 @@ JSON = {"content-type": "application/json"}
 
 
 def _wait_until_up(url: str, timeout_s: float = 60.0) -> None:
-    """Wait for a gateway started by hand (a baseline) to answer `url` with 200."""
+    """Wait until `url` answers 200 (a gateway or upstream starting; a baseline started by hand)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -80,15 +80,12 @@ def _wait_until_up(url: str, timeout_s: float = 60.0) -> None:
 def _start(args: list[str], ready_url: str) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(ready_url, timeout=1).status_code == 200:
-                return process
-        except httpx.TransportError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"{args[0]} did not start")
+    try:
+        _wait_until_up(ready_url, timeout_s=30)
+    except RuntimeError:
+        process.kill()
+        raise RuntimeError(f"{args[0]} did not start") from None
+    return process
 
 
 async def _one(client: aiohttp.ClientSession, url: str, stream: bool) -> float:
