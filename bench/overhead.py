@@ -12,7 +12,9 @@ processes it measures). Starts a local OpenAI-protocol upstream that answers at 
 serve`, its own process), then sends the same chat request both ways, alternating so that drift
 hits both alike: sequentially, and from `--concurrency` workers at once; non-streamed and
 streamed (time to the end of the stream).
-Prints p50/p99 of each path, the p50/p99 the gateway adds, and requests per second.
+Prints p50/p99 of each path, the p50/p99 the gateway adds (to the end of the body), the p50 it
+adds to the first byte of the body (TTFB: a streamed answer's first chunk), and requests per
+second.
 
 `--baseline-url` compares with another gateway (another version, started by hand in front of
 the same upstream: `--upstream-port` fixes the upstream's port; the bench waits up to a minute
@@ -20,6 +22,8 @@ for it, so it can be started once the upstream answers, before a version with he
 takes the upstream for down): its requests are interleaved
 with the others in the same loop, so every path sees the same conditions, and it gets its own
 rows ("baseline", or NAME with `NAME=URL`; repeat the option for several versions).
+`--gc-threshold N` starts this version a second time with `[server] gc_threshold = N`
+(gateway/collector.py; 700 is CPython's default) and measures it in the same loop, as `gc=N`.
 `--baseline-pid NAME=PID` names that gateway's process, so that its CPU time per request (every
 thread's, read from /proc before and after each mode) is printed beside this version's.
 
@@ -88,15 +92,19 @@ def _start(args: list[str], ready_url: str) -> subprocess.Popen[bytes]:
     return process
 
 
-async def _one(client: aiohttp.ClientSession, url: str, stream: bool) -> float:
+async def _one(client: aiohttp.ClientSession, url: str, stream: bool) -> tuple[float, float]:
+    """Seconds to the first byte of the body and to its end."""
     body = STREAM_BODY if stream else PLAIN_BODY
     started = time.perf_counter()
+    first = None
     async with client.post(url, data=body, headers=JSON) as response:
         async for _ in response.content.iter_any():  # to the end of the body or stream
-            pass
+            if first is None:
+                first = time.perf_counter() - started
     if response.status != 200:
         raise RuntimeError(f"{url}: HTTP {response.status}")
-    return time.perf_counter() - started
+    ended = time.perf_counter() - started
+    return (ended if first is None else first), ended
 
 
 def _cpu_s(pid: int) -> float:
@@ -117,6 +125,7 @@ async def _run(urls: dict[str, str], requests: int, concurrency: int,
     """One row per gateway in `urls` ("gateway", and "baseline" if given) against "direct";
     with the CPU time per request of each gateway whose process is in `pids`."""
     times: dict[str, list[float]] = {path: [] for path in urls}
+    firsts: dict[str, list[float]] = {path: [] for path in urls}
     connector = aiohttp.TCPConnector(limit=concurrency * len(urls))
     async with aiohttp.ClientSession(connector=connector) as client:
         for url in urls.values():  # warm up connections and code paths
@@ -126,7 +135,9 @@ async def _run(urls: dict[str, str], requests: int, concurrency: int,
         async def worker() -> None:
             for _ in range(per_worker):
                 for path, url in urls.items():
-                    times[path].append(await _one(client, url, stream))
+                    first, ended = await _one(client, url, stream)
+                    firsts[path].append(first)
+                    times[path].append(ended)
 
         cpu_before = {path: _cpu_s(pid) for path, pid in (pids or {}).items()}
         started = time.perf_counter()
@@ -138,6 +149,7 @@ async def _run(urls: dict[str, str], requests: int, concurrency: int,
         values.sort()
         quantiles[path] = (statistics.median(values) * 1000,
                            values[int(len(values) * 0.99) - 1] * 1000)
+    first_p50 = {path: statistics.median(values) * 1000 for path, values in firsts.items()}
     rows = []
     direct_p50, direct_p99 = quantiles["direct"]
     for path in urls:
@@ -147,6 +159,7 @@ async def _run(urls: dict[str, str], requests: int, concurrency: int,
         # Every path ran in the same window; each got about an equal part of it.
         rows.append({"gateway": path, "direct_p50_ms": direct_p50, "gateway_p50_ms": p50,
                      "added_p50_ms": p50 - direct_p50, "direct_p99_ms": direct_p99,
+                     "added_first_byte_p50_ms": first_p50[path] - first_p50["direct"],
                      "gateway_p99_ms": p99, "added_p99_ms": p99 - direct_p99,
                      "gateway_rps": len(times[path]) / (elapsed / len(urls)),
                      "cpu_us_per_request": cpu_used[path] / len(times[path]) * 1e6
@@ -216,6 +229,9 @@ def main() -> None:
     parser.add_argument("--baseline-url", metavar="[NAME=]URL", action="append", default=[],
                         help="another gateway's /v1 (e.g. a previous version in front of the "
                              "same upstream), measured in the same loop; repeatable")
+    parser.add_argument("--gc-threshold", metavar="N", type=int, action="append", default=[],
+                        help="also run this version with [server] gc_threshold = N (700 is "
+                             "CPython's default), as a gateway named gc=N; repeatable")
     parser.add_argument("--baseline-pid", metavar="NAME=PID", action="append", default=[],
                         help="the process of the --baseline-url of that NAME, for its CPU time")
     args = parser.parse_args()
@@ -228,20 +244,27 @@ def main() -> None:
         print(spool_line)
         return
 
-    upstream_port, gateway_port = args.upstream_port or free_port(), free_port()
+    upstream_port = args.upstream_port or free_port()
     upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
+    greenroute = str(Path(sys.executable).parent / "greenroute")
+    gateways: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "bench.toml"
-        config.write_text(f'[server]\nport = {gateway_port}\nlog_level = "warning"\n\n'
-                          f'[ledger]\npath = "{Path(tmp) / "ledger.db"}"\n'
-                          f'spool = {"true" if args.spool == "on" else "false"}\n\n'
-                          f'[[tiers]]\nname = "echo"\nbackend = "openai"\nurl = "{upstream_url}"\n'
-                          'model = "echo"\n')
         upstream = _start([sys.executable, "-m", "greenroute.backends.fake_openai", "--port",
                            str(upstream_port)], upstream_url + "/models")
-        greenroute = str(Path(sys.executable).parent / "greenroute")
-        gateway = _start([greenroute, "serve", "--config", str(config)],
-                         f"http://127.0.0.1:{gateway_port}/v1/models")
+        # This version as configured, then the same version with other collector thresholds.
+        variants = {"gateway": None, **{f"gc={n}": n for n in args.gc_threshold}}
+        for name, threshold in variants.items():
+            port = free_port()
+            config = Path(tmp) / f"{len(gateways)}.toml"
+            config.write_text(
+                f'[server]\nport = {port}\nlog_level = "warning"\n'
+                + (f"gc_threshold = {threshold}\n" if threshold is not None else "")
+                + f'\n[ledger]\npath = "{Path(tmp) / f"{len(gateways)}.db"}"\n'
+                f'spool = {"true" if args.spool == "on" else "false"}\n\n'
+                f'[[tiers]]\nname = "echo"\nbackend = "openai"\nurl = "{upstream_url}"\n'
+                'model = "echo"\n')
+            gateways[name] = (_start([greenroute, "serve", "--config", str(config)],
+                                     f"http://127.0.0.1:{port}/v1/models"), port)
         baselines = {}
         for baseline in args.baseline_url:
             name, named, url = baseline.partition("=")
@@ -249,7 +272,7 @@ def main() -> None:
                 name, url = "baseline", baseline
             baselines[name] = url.rstrip("/")
             _wait_until_up(url.rstrip("/") + "/models")  # one started once the upstream was up
-        pids = {"gateway": gateway.pid}
+        pids = {name: process.pid for name, (process, _) in gateways.items()}
         for named in args.baseline_pid:
             name, _, pid = named.partition("=")
             pids[name] = int(pid)
@@ -257,28 +280,29 @@ def main() -> None:
             rows = []
             for concurrency in (1, args.concurrency):
                 for stream in (False, True):
-                    urls = {"direct": upstream_url + "/chat/completions",
-                            "gateway": f"http://127.0.0.1:{gateway_port}/v1/chat/completions"}
+                    urls = {"direct": upstream_url + "/chat/completions"}
+                    for name, (_, port) in gateways.items():
+                        urls[name] = f"http://127.0.0.1:{port}/v1/chat/completions"
                     for name, url in baselines.items():
                         urls[name] = url + "/chat/completions"
                     for result in _run_loop(_run(urls, args.requests, concurrency, stream,
                                                        pids)):
                         rows.append({"concurrency": concurrency, "stream": stream, **result})
         finally:
-            gateway.terminate()
-            upstream.terminate()
-            gateway.wait()
-            upstream.wait()
+            for process in [process for process, _ in gateways.values()] + [upstream]:
+                process.terminate()
+                process.wait()
 
     print(f"gateway overhead, {args.requests} requests per path and mode, "
           f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, spool {args.spool}")
     header = ("gateway", "conc", "stream", "direct p50", "gw p50", "added p50", "direct p99",
-              "gw p99", "added p99", "gw req/s", "CPU/req")
+              "gw p99", "added p99", "added TTFB", "gw req/s", "CPU/req")
     print(" | ".join(f"{h:>10}" for h in header))
     for r in rows:
         cells = (r["gateway"], r["concurrency"], "yes" if r["stream"] else "no",
                  *(f"{r[k]:.3f} ms" for k in ("direct_p50_ms", "gateway_p50_ms", "added_p50_ms",
-                                              "direct_p99_ms", "gateway_p99_ms", "added_p99_ms")),
+                                              "direct_p99_ms", "gateway_p99_ms", "added_p99_ms",
+                                              "added_first_byte_p50_ms")),
                  f"{r['gateway_rps']:.0f}", f"{r['cpu_us_per_request']:.0f} us")
         print(" | ".join(f"{c:>10}" for c in cells))
     print(spool_line)

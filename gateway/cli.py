@@ -188,7 +188,7 @@ def _serve(args: argparse.Namespace) -> int:
     if _refuse_open(app.state.gateway.keys.required, server):
         return 2
     workers.DrainingServer(workers.uvicorn_config(app, server), app.state.gateway.drain,
-                           server.shutdown_grace_s).run()
+                           server).run()
     return 0
 
 

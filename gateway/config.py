@@ -87,6 +87,9 @@ class ServerConfig(_Strict):
     log_format: Literal["text", "json"] = "text"  # json: one object a line, with request_id
     # Serve a non-loopback host with no key at all (config or database): refused without it.
     no_auth: bool = False
+    # Net allocations between collections of the garbage collector's youngest generation,
+    # once serving (gateway/collector.py; CPython's default is 700).
+    gc_threshold: int = Field(default=10_000, ge=100)
 
 
 class EnergyConfig(_Strict):

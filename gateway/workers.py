@@ -48,6 +48,7 @@ from starlette.types import ASGIApp
 
 from greenroute.backends.energy.registry import NO_METER
 from greenroute.backends.energy.select import meter_config
+from greenroute.gateway import collector
 from greenroute.gateway.carbon import GridIntensity
 from greenroute.gateway.config import ConfigError, GatewayConfig, ServerConfig
 from greenroute.gateway.draining import Drain
@@ -67,16 +68,20 @@ class DrainingServer(uvicorn.Server):
     """uvicorn's server; its shutdown also starts the gateway's grace, and its startup can
     signal that it is serving (to the supervisor of several workers)."""
 
-    def __init__(self, config: uvicorn.Config, drain: Drain, grace_s: float,
+    def __init__(self, config: uvicorn.Config, drain: Drain, server: ServerConfig,
                  ready: Event | None = None) -> None:
         super().__init__(config)
         self.drain = drain
-        self.grace_s = grace_s
+        self.grace_s = server.shutdown_grace_s
+        self.gc_threshold = server.gc_threshold
         self.ready = ready
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        if self.started and self.ready is not None:
+        if not self.started:
+            return
+        collector.tune_for_serving(self.gc_threshold)
+        if self.ready is not None:
             self.ready.set()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -235,8 +240,8 @@ def run_worker(config: GatewayConfig, listener: socket.socket, ready: Event) -> 
         print(f"greenroute serve: worker {os.getpid()}: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     gateway = app.state.gateway
-    server = DrainingServer(uvicorn_config(app, config.server), gateway.drain,
-                            config.server.shutdown_grace_s, ready)
+    server = DrainingServer(uvicorn_config(app, config.server), gateway.drain, config.server,
+                            ready)
     server.run(sockets=[listener])
     if gateway.metrics_registry.shared is not None:
         gateway.metrics_registry.shared.close()  # this worker's final counts stay in the files
