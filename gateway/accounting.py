@@ -164,6 +164,7 @@ class RequestRecord:
         self._finished = False
         self._submitted = False
         self._spooled = False
+        self._acknowledged: list[Item] | None = None  # a stream's spooled rows, if final
 
     @property
     def store_text(self) -> bool:
@@ -228,7 +229,12 @@ class RequestRecord:
         self.latency_ms = (time.perf_counter() - self.started) * 1000
         self.status, self.error = status, code
         if self.accounting.spooling:
-            self.accounting.spool(self, self.rows())
+            with self._lock:
+                final = self._waiting == 0  # no metered model still counting: energy is final
+            rows = self.rows()
+            self.accounting.spool(self, rows)
+            if final:
+                self._acknowledged = rows  # the ledger's too, if the stream ends as it said
 
     def _energy(self, headers: dict[str, str]) -> float | None:
         """The energy so far, also put in `headers` (None: no model tried is metered)."""
@@ -261,6 +267,11 @@ class RequestRecord:
             self.accounting.spool(self, rows)
             if not final:
                 rows = None
+        elif self._acknowledged is not None and (status, error) == (
+                self._acknowledged[0][1]["status"], self._acknowledged[0][1]["error"]):
+            # A stream that ended as its acknowledgement said: the same rows, to its last byte.
+            rows = self._acknowledged
+            rows[0][1]["latency_ms"] = round(self.latency_ms, 3)
         with self._lock:
             self._finished = True
             ready = self._waiting == 0

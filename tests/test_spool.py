@@ -23,12 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from conftest import start_gateway, stop_gateway
 from fake_backends import FakeBackend, build_app, gateway_config, tier
 from waiting import wait_until
 
+from greenroute.backends.base import Usage
+from greenroute.backends.energy.sampler import Fleet
 from greenroute.backends.fake_openai import free_port
+from greenroute.gateway.accounting import Accounting
 from greenroute.gateway.ledger import spool as spool_module
 from greenroute.gateway.ledger.spool import SPOOL_GLOB, Orphan, Spool, orphans
 from greenroute.gateway.ledger.writer import LedgerWriter
@@ -330,3 +334,39 @@ def test_a_line_longer_than_a_segment_gets_a_segment_of_its_own(tmp_path: Path) 
 def _replay_after_close(spool: Spool, directory: Path) -> list[Orphan]:
     spool.close()  # nothing is durable: every segment stays for the next start
     return orphans(directory)
+
+
+class _Model:
+    """Enough of a backend for an attempt on an unmetered tier."""
+
+    model_id = "echo"
+    reports_progress = False
+
+
+@pytest.mark.parametrize("ended", [(200, None), (499, "client_closed")])
+def test_a_streams_spooled_rows_are_its_ledger_rows_only_if_it_ends_as_acknowledged(
+        tmp_path: Path, ended: tuple[int, str | None]) -> None:
+    """A stream's rows are spooled before its last event (`acknowledge`); with no metered
+    model still counting they are final, and the ledger gets them with the latency to the
+    stream's end. A stream that ends otherwise (the client left during the last event) gets
+    rows built again."""
+    writer = LedgerWriter(f"sqlite:///{tmp_path}/ledger.db", spool=True,
+                          spill_dir=tmp_path)
+    writer.start()
+    accounting = Accounting(Fleet([]), writer, store_text=False)
+    record = accounting.open("chatcmpl-stream", "chat/completions")
+    record.requested_model, record.route = "echo", "direct"
+    attempt = record.attempt("echo", _Model())  # type: ignore[arg-type]
+    stream = record.streaming(attempt)
+    attempt.done(Usage(3, 5))
+    stream.finishing(200, None)
+    spooled = orjson.loads(next(line for segment in tmp_path.glob(SPOOL_GLOB)
+                                for line in _lines(segment) if b"chatcmpl-stream" in line))
+    time.sleep(0.02)
+    stream.ended(*ended)
+    writer.close()
+    with sqlite3.connect(tmp_path / "ledger.db") as connection:
+        status, error, latency_ms, completion = connection.execute(
+            "SELECT status, error, latency_ms, completion_tokens FROM requests").fetchone()
+    assert (status, error, completion) == (*ended, 5)
+    assert latency_ms >= spooled[0][1]["latency_ms"] + 20  # the end, not the acknowledgement
