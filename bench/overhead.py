@@ -56,6 +56,7 @@ import httpx
 from greenroute.backends.base import Usage
 from greenroute.backends.energy.sampler import Fleet
 from greenroute.backends.fake_openai import free_port
+from greenroute.evals.load import thread_cpu_s
 from greenroute.gateway.accounting import Accounting
 from greenroute.gateway.ledger.writer import LedgerWriter
 
@@ -109,15 +110,7 @@ async def _one(client: aiohttp.ClientSession, url: str, stream: bool) -> tuple[f
 
 def _cpu_s(pid: int) -> float:
     """CPU seconds every thread of process `pid` has used (Linux /proc)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:  # the thread ended
-            continue
-        total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
+    return sum(thread_cpu_s(pid).values())
 
 
 async def _run(urls: dict[str, str], requests: int, concurrency: int,

@@ -74,3 +74,19 @@ def between(before: Sample | None, after: Sample | None) -> Load | None:
     others = (after.busy_s - before.busy_s) - (after.own_s - before.own_s)
     steal = after.steal_s - before.steal_s
     return Load(round(max(others, 0.0) / wall, 2), round(steal / wall, 2))
+
+
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) each thread of process `pid` has used, by thread id, from
+    /proc/<pid>/task; a thread that ends while it is read is left out. For the benches and tests
+    that check what a process, or one of its threads, really used."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        used[tid] = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    return used

@@ -4,8 +4,11 @@ busy beside the sampler is seen as other work, and the outcome summary counts su
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -52,3 +55,25 @@ def test_the_summary_counts_results_collected_beside_other_work(tmp_path: Path) 
     text = describe(table, ["small", "large"])
     assert "Collected beside other work" in text and "large 2." in text
     assert "small" not in text.split("Collected beside other work")[1]
+
+
+def test_each_threads_cpu_time_is_its_own() -> None:
+    """A thread that spins for 0.3 s of CPU shows that much under its own id; the thread that
+    waited for it, far less; an ended thread is no longer listed."""
+    seen: dict[str, float] = {}
+
+    def spin() -> None:
+        deadline = time.thread_time() + 0.3
+        while time.thread_time() < deadline:
+            pass
+        seen["own"] = load.thread_cpu_s(os.getpid())[str(threading.get_native_id())]
+        seen["tid"] = threading.get_native_id()
+
+    main = str(threading.get_native_id())
+    before = load.thread_cpu_s(os.getpid())[main]
+    worker = threading.Thread(target=spin)
+    worker.start()
+    worker.join()
+    assert seen["own"] >= 0.25  # the kernel counts in 10 ms ticks
+    assert load.thread_cpu_s(os.getpid())[main] - before < 0.15
+    assert str(seen["tid"]) not in load.thread_cpu_s(os.getpid())

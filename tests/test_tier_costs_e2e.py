@@ -5,7 +5,6 @@ not the same joules per token."""
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +15,7 @@ import pytest
 from conftest import start_gateway, stop_gateway
 
 from greenroute.backends.energy.estimate import DEFAULT_WATTS_PER_CORE
+from greenroute.evals.load import thread_cpu_s
 
 TIERS = ('[[tiers]]\nname = "tiny"\nbackend = "llamacpp"\nweights = "tiny"\ncontext = 512\n'
          'threads = 1\nenergy_hint = 1.0\n\n'
@@ -54,19 +54,6 @@ def _tokens(db: Path, ids: list[str]) -> float:
     return _sums(db, ids)[1]
 
 
-def _thread_cpu_s(pid: int) -> dict[str, float]:
-    """CPU seconds each thread of a process has used, from the kernel (/proc)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    used = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:  # the thread ended
-            continue
-        used[tid] = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
-    return used
-
-
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads threads from /proc")
 @pytest.mark.timeout(300)
 def test_concurrent_embedded_tiers_keep_their_solo_joules_per_token(tmp_path: Path) -> None:
@@ -92,9 +79,9 @@ def test_concurrent_embedded_tiers_keep_their_solo_joules_per_token(tmp_path: Pa
             # run at once (that round cost both tiers 20-50% more than any later one). A
             # tier's worker is the thread that worked most during its request alone.
             for tier in ("tiny", "small"):
-                before = _thread_cpu_s(pid)
+                before = thread_cpu_s(pid)
                 _ask(client, tier, 24)
-                after = _thread_cpu_s(pid)
+                after = thread_cpu_s(pid)
                 worker[tier] = max(after, key=lambda t: after[t] - before.get(t, 0.0))
             assert worker["tiny"] != worker["small"]
             together(25)
@@ -110,10 +97,10 @@ def test_concurrent_embedded_tiers_keep_their_solo_joules_per_token(tmp_path: Pa
                     time.sleep(SETTLE_S)
                     solo[tier].append(_ask(client, tier, 2 * index))
                 time.sleep(SETTLE_S)
-                before = _thread_cpu_s(pid)
+                before = thread_cpu_s(pid)
                 for tier, request in together(2 * index + 1).items():
                     both[tier].append(request)
-                after = _thread_cpu_s(pid)
+                after = thread_cpu_s(pid)
                 for tier, thread in worker.items():
                     true_cpu_s[tier] += after[thread] - before[thread]
     finally:
