@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from overhead import _cpu_s, _run, _run_loop, _start, _wait_until_up
+from overhead import _cpu_s, _run, _run_loop, _start, _wait_until_up, gateway_config
 
 from greenroute.backends.fake_openai import free_port
 
@@ -89,13 +89,8 @@ def main() -> None:
         try:
             for threshold in thresholds:
                 port, stats = free_port(), Path(tmp) / f"{threshold}.gc"
-                config = Path(tmp) / f"{threshold}.toml"
-                config.write_text(
-                    f'[server]\nport = {port}\nlog_level = "warning"\n'
-                    f"gc_threshold = {threshold}\n\n"
-                    f'[ledger]\npath = "{Path(tmp) / f"{threshold}.db"}"\n\n'
-                    f'[[tiers]]\nname = "echo"\nbackend = "openai"\nurl = "{upstream_url}"\n'
-                    'model = "echo"\n')
+                config = gateway_config(Path(tmp) / str(threshold), port, upstream_url,
+                                        gc_threshold=threshold)
                 process = subprocess.Popen(
                     [sys.executable, __file__, "serve", "--config", str(config)],
                     env={**os.environ, GC_STATS_ENV: str(stats)},

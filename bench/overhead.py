@@ -82,6 +82,21 @@ def _wait_until_up(url: str, timeout_s: float = 60.0) -> None:
     raise RuntimeError(f"{url} did not answer")
 
 
+def gateway_config(stem: Path, port: int, upstream_url: str, *, spool: bool = True,
+                   gc_threshold: int | None = None) -> Path:
+    """A pass-through gateway's config (`stem`.toml, its ledger `stem`.db) in front of the
+    fake upstream."""
+    config = stem.with_suffix(".toml")
+    config.write_text(
+        f'[server]\nport = {port}\nlog_level = "warning"\n'
+        + (f"gc_threshold = {gc_threshold}\n" if gc_threshold is not None else "")
+        + f'\n[ledger]\npath = "{stem.with_suffix(".db")}"\n'
+        f'spool = {"true" if spool else "false"}\n\n'
+        f'[[tiers]]\nname = "echo"\nbackend = "openai"\nurl = "{upstream_url}"\n'
+        'model = "echo"\n')
+    return config
+
+
 def _start(args: list[str], ready_url: str) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -254,14 +269,8 @@ def main() -> None:
         variants = {"gateway": None, **{f"gc={n}": n for n in args.gc_threshold}}
         for name, threshold in variants.items():
             port = free_port()
-            config = Path(tmp) / f"{len(gateways)}.toml"
-            config.write_text(
-                f'[server]\nport = {port}\nlog_level = "warning"\n'
-                + (f"gc_threshold = {threshold}\n" if threshold is not None else "")
-                + f'\n[ledger]\npath = "{Path(tmp) / f"{len(gateways)}.db"}"\n'
-                f'spool = {"true" if args.spool == "on" else "false"}\n\n'
-                f'[[tiers]]\nname = "echo"\nbackend = "openai"\nurl = "{upstream_url}"\n'
-                'model = "echo"\n')
+            config = gateway_config(Path(tmp) / str(len(gateways)), port, upstream_url,
+                                    spool=args.spool == "on", gc_threshold=threshold)
             gateways[name] = (_start([greenroute, "serve", "--config", str(config)],
                                      f"http://127.0.0.1:{port}/v1/models"), port)
         baselines = {}

@@ -2,9 +2,10 @@
 
 With CPython's default threshold (a collection of the youngest generation every 700 net
 allocations of tracked objects), the objects of the requests in flight keep crossing it: under
-64 concurrent pass-through requests the collector ran every 8 requests or so, promoted the
+64 concurrent pass-through requests the collector ran every 10 requests or so, promoted the
 in-flight objects it found alive, and then scanned them again in the older generations. That
-cost about 210 us of the gateway's 1,080 us of CPU per request, and the requests leave almost
+cost 133 us of the gateway's 1,323 us of CPU per request (bench/gc_threshold.py, startup
+already frozen), and the requests leave almost
 no garbage behind (the net count hardly moves between them), so the scans found nothing to
 free. Two changes, both stated in docs/gateway.md with their measurements:
 
