@@ -23,8 +23,8 @@ from greenroute.backends.base import Backend, BackendError, Chunk, ChunkStream, 
 from greenroute.gateway import cascade
 from greenroute.gateway.accounting import Attempt, RequestRecord
 from greenroute.gateway.streaming import (
+    EventStream,
     EventStreamResponse,
-    sse_events,
     until_disconnect,
     watch_disconnect,
 )
@@ -153,7 +153,7 @@ class Exchange:
             observer = self.record.streaming(answer.attempt)
             headers["cache-control"] = "no-cache"
             headers["x-accel-buffering"] = "no"  # nginx: do not buffer the event stream
-            events = sse_events(answer.first, answer.rest, include_usage, observer, self._stop)
+            events = EventStream(answer.first, answer.rest, include_usage, observer, self._stop)
             return EventStreamResponse(events, self._watcher, headers, self._stop)
         self.close()
         completion = self.record.answer(answer.attempt, answer.completion, headers)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from typing import Protocol, TypeVar
 
 import orjson
@@ -110,60 +110,91 @@ class StreamObserver(Protocol):
     def ended(self, status: int, code: str | None) -> None: ...
 
 
-async def sse_events(first: Sequence[Chunk] | None, rest: ChunkStream, include_usage: bool,
-                     observer: StreamObserver | None = None,
-                     stop: asyncio.Future[None] | None = None) -> AsyncIterator[bytes]:
-    """Encode batches of chunks as SSE, one write per batch; a failure after the first byte
-    becomes an error event.
+class EventStream:
+    """The server-sent events of one stream: batches of chunks encoded as SSE, one write per
+    batch; a failure after the first byte becomes an error event.
 
     The usage-only chunk is forwarded only to clients that asked for it, as OpenAI does. A
     stream cancelled once `stop` is done was cut by the end of the shutdown grace, not by its
-    client: EventStreamResponse sends its error event.
+    client: EventStreamResponse sends its error event. `aclose` ends the stream's upstream and
+    accounting whether or not it was ever iterated: a client gone before its response started
+    still gets its ledger row.
     """
-    status: int = 499  # unless it gets to the end or to an error
-    code: str | None = "client_closed"
-    try:
-        batch = first
-        while batch is not None:
-            parts = []
-            for chunk in batch:
-                data = chunk.data
-                if observer is not None:
-                    if chunk.usage is not None:
-                        data = observer.usage_chunk(chunk)
-                    if not chunk.usage_only:
-                        observer.relayed(chunk)
-                if include_usage or not chunk.usage_only:
-                    parts.append(b"data: " + data + b"\n\n")
-            if parts:
-                yield b"".join(parts)
-            batch = await anext(rest, None)
-        status, code = 200, None
-        if observer is not None:
-            observer.finishing(status, code)
-        yield DONE
-    except BackendError as exc:
-        error = APIError.from_backend(exc)
-        status, code = error.status, error.code
-        if observer is not None:
-            observer.finishing(status, code)
-        yield b"data: " + orjson.dumps(error.body()) + b"\n\n"
-    except Exception:
-        log.exception("stream failed")
-        error = server_error()
-        status, code = error.status, error.code
-        if observer is not None:
-            observer.finishing(status, code)
-        yield b"data: " + orjson.dumps(error.body()) + b"\n\n"
-    finally:
-        if status == 499 and stop is not None and stop.done():
+
+    def __init__(self, first: Sequence[Chunk] | None, rest: ChunkStream, include_usage: bool,
+                 observer: StreamObserver | None = None,
+                 stop: asyncio.Future[None] | None = None) -> None:
+        self.first = first
+        self.rest = rest
+        self.include_usage = include_usage
+        self.observer = observer
+        self.stop = stop
+        self._events: AsyncGenerator[bytes, None] | None = None
+
+    def __aiter__(self) -> AsyncGenerator[bytes, None]:
+        if self._events is None:
+            self._events = self._encode()
+        return self._events
+
+    async def aclose(self) -> None:
+        """Close the stream where it stands: its upstream is closed and its accounting ended
+        exactly once (as cut by the client, or by the shutdown), unless it already ended."""
+        if self._events is None:  # never iterated: the generator's finally would never run
+            self._events = self._encode()
+            await self._events.aclose()  # runs nothing; iterating it now yields nothing
+            await self._end(499, "client_closed")
+        else:
+            await self._events.aclose()
+
+    async def _encode(self) -> AsyncGenerator[bytes, None]:
+        observer = self.observer
+        status: int = 499  # unless it gets to the end or to an error
+        code: str | None = "client_closed"
+        try:
+            batch = self.first
+            while batch is not None:
+                parts = []
+                for chunk in batch:
+                    data = chunk.data
+                    if observer is not None:
+                        if chunk.usage is not None:
+                            data = observer.usage_chunk(chunk)
+                        if not chunk.usage_only:
+                            observer.relayed(chunk)
+                    if self.include_usage or not chunk.usage_only:
+                        parts.append(b"data: " + data + b"\n\n")
+                if parts:
+                    yield b"".join(parts)
+                batch = await anext(self.rest, None)
+            status, code = 200, None
+            if observer is not None:
+                observer.finishing(status, code)
+            yield DONE
+        except BackendError as exc:
+            error = APIError.from_backend(exc)
+            status, code = error.status, error.code
+            if observer is not None:
+                observer.finishing(status, code)
+            yield b"data: " + orjson.dumps(error.body()) + b"\n\n"
+        except Exception:
+            log.exception("stream failed")
+            error = server_error()
+            status, code = error.status, error.code
+            if observer is not None:
+                observer.finishing(status, code)
+            yield b"data: " + orjson.dumps(error.body()) + b"\n\n"
+        finally:
+            await self._end(status, code)
+
+    async def _end(self, status: int, code: str | None) -> None:
+        if status == 499 and self.stop is not None and self.stop.done():
             error = shutting_down()
             status, code = error.status, error.code
         try:
-            await rest.aclose()  # also on cancellation (client gone): it closes the upstream
+            await self.rest.aclose()  # also on cancellation (client gone): it closes the upstream
         finally:
-            if observer is not None:
-                observer.ended(status, code)
+            if self.observer is not None:
+                self.observer.ended(status, code)
 
 
 class EventStreamResponse(StreamingResponse):
@@ -176,9 +207,10 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[bytes], watcher: asyncio.Future[None],
+    def __init__(self, events: EventStream, watcher: asyncio.Future[None],
                  headers: dict[str, str], stop: asyncio.Future[None] | None = None) -> None:
-        super().__init__(content, headers=headers)
+        super().__init__(events, headers=headers)
+        self.events = events
         self.watcher = watcher
         self.stop = stop
 
@@ -190,25 +222,18 @@ class EventStreamResponse(StreamingResponse):
             started = True
             await send(message)
 
-        stream = asyncio.ensure_future(self.stream_response(sending))
-        waits = (stream, self.watcher) if self.stop is None else (stream, self.watcher,
-                                                                   self.stop)
-        left = False
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            left = self.watcher.done()
+        try:  # in the request's own task, which the watcher cancels (see until_disconnect)
+            await until_disconnect(self.watcher, self.stream_response(sending), self.stop)
+        except ClientGone:
+            pass
+        except Stopped:  # not the client: the shutdown grace ended
+            await self.events.aclose()
+            await self._stopped(send, started)
+        except OSError:
+            pass  # the client went away between two writes
         finally:
-            if not stream.done():
-                stream.cancel()  # the generator's finally closes the upstream
-                await asyncio.wait((stream,))
             self.watcher.cancel()
-        if stream.cancelled() and not left:
-            await self._stopped(send, started)  # not the client: the shutdown grace ended
-            return
-        if not stream.cancelled() and isinstance(stream.exception(), OSError):
-            return  # the client went away between two writes
-        if not stream.cancelled():
-            stream.result()
+            await self.events.aclose()  # the upstream and the accounting end, whatever happened
 
     async def _stopped(self, send: Send, started: bool) -> None:
         """End a stream cut by the shutdown with an OpenAI-shaped error event."""
