@@ -439,7 +439,7 @@ def _offsets(texts: list[str]) -> Iterator[int]:
 def _is_end_of_generation(llm: Any, token: int) -> bool:
     import llama_cpp
 
-    return bool(llama_cpp.llama_token_is_eog(llm._model.vocab, token))
+    return bool(llama_cpp.llama_vocab_is_eog(llm._model.vocab, token))
 
 
 # -- OpenAI request -> llama-cpp-python arguments ---------------------------------------------
