@@ -154,7 +154,7 @@ class Exchange:
             headers["cache-control"] = "no-cache"
             headers["x-accel-buffering"] = "no"  # nginx: do not buffer the event stream
             events = EventStream(answer.first, answer.rest, include_usage, observer, self._stop)
-            return EventStreamResponse(events, self._watcher, headers, self._stop)
+            return EventStreamResponse(events, self._watcher, headers)
         self.close()
         completion = self.record.answer(answer.attempt, answer.completion, headers)
         if not self.stream:

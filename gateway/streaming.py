@@ -199,7 +199,8 @@ class EventStream:
 
 class EventStreamResponse(StreamingResponse):
     """A streaming response that stops (and so closes its source) when the client disconnects,
-    or when the shutdown grace ends (`stop`), which it tells the client with an error event.
+    or when the shutdown grace ends (the events' `stop`), which it tells the client with an
+    error event.
 
     `watcher` completes on disconnect (see `watch_disconnect`); one watcher serves the whole
     request, from waiting for the first chunk to the last byte.
@@ -208,11 +209,10 @@ class EventStreamResponse(StreamingResponse):
     media_type = "text/event-stream"
 
     def __init__(self, events: EventStream, watcher: asyncio.Future[None],
-                 headers: dict[str, str], stop: asyncio.Future[None] | None = None) -> None:
+                 headers: dict[str, str]) -> None:
         super().__init__(events, headers=headers)
         self.events = events
         self.watcher = watcher
-        self.stop = stop
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
@@ -223,7 +223,8 @@ class EventStreamResponse(StreamingResponse):
             await send(message)
 
         try:  # in the request's own task, which the watcher cancels (see until_disconnect)
-            await until_disconnect(self.watcher, self.stream_response(sending), self.stop)
+            await until_disconnect(self.watcher, self.stream_response(sending),
+                                   self.events.stop)
         except ClientGone:
             pass
         except Stopped:  # not the client: the shutdown grace ended

@@ -83,7 +83,7 @@ def serve(batches: int, *, gone_before: bool = False, gone_after_bytes: int | No
             raise AssertionError("the response never reads: the watcher does")
 
         events = EventStream([Chunk(b'{"n": 0}')], upstream, False, observer, stop)
-        response = EventStreamResponse(events, watcher, {}, stop)
+        response = EventStreamResponse(events, watcher, {})
         await asyncio.wait_for(response(SCOPE, receive, send), timeout=5)
         return watcher
 
